@@ -1,0 +1,50 @@
+"""Two backends behind one interface: `hf` (transformers + bitsandbytes + PEFT, CPU or GPU) and `unsloth` (CUDA).
+
+`resolve_backend("auto")` picks unsloth when CUDA and unsloth are present, else hf; this module is
+the one place that knows what is installed. Each backend module exposes the same four functions:
+`load_quantized`, `add_lora`, `load_trainable`, `load_for_inference`.
+
+Example:
+    >>> resolve_backend("hf").NAME
+    'hf'
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+
+
+class BackendUnavailable(RuntimeError):
+    """The configured backend cannot run here; the message says what is missing and what to set."""
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(name: str) -> ModuleType:
+    """The backend module for 'auto', 'hf' or 'unsloth'."""
+    if name == "auto":
+        name = "unsloth" if cuda_available() and unsloth_installed() else "hf"
+    if name == "hf":
+        from llmtune.backends import hf
+
+        return hf
+    if name == "unsloth":
+        if not cuda_available():
+            raise BackendUnavailable("model.backend=unsloth needs a CUDA GPU and none is visible. "
+                                     "Use --set model.backend=hf (runs on the CPU) or auto.")
+        if not unsloth_installed():
+            raise BackendUnavailable("model.backend=unsloth needs the unsloth package: pip install -e '.[gpu]'. "
+                                     "Or use --set model.backend=hf.")
+        from llmtune.backends import unsloth_backend
+
+        return unsloth_backend
+    raise BackendUnavailable(f"Unknown backend '{name}'; use auto, hf or unsloth.")

@@ -1,0 +1,113 @@
+"""The transformers + bitsandbytes + PEFT backend: NF4 4-bit base, LoRA adapter; runs on CPU and GPU.
+
+Example (a tiny base built in a temp folder):
+    >>> import tempfile
+    >>> from llmtune.config import ModelConfig
+    >>> from llmtune.demo import build_demo_model
+    >>> src = build_demo_model(tempfile.mkdtemp() + "/base", shape="tiny")
+    >>> info = load_quantized(ModelConfig(name=str(src)), tempfile.mkdtemp())
+    >>> info["linear4bit_layers"] > 0
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmtune.config import LoraConfig, ModelConfig
+
+NAME = "hf"
+
+
+def compute_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def device_map() -> Any:
+    import torch
+
+    return {"": 0} if torch.cuda.is_available() else "cpu"
+
+
+def bnb_config(cfg: ModelConfig) -> Any:
+    """The bitsandbytes 4-bit config for a model section (NF4 + double quant by default)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
+                              bnb_4bit_use_double_quant=cfg.double_quant,
+                              bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
+                              bnb_4bit_quant_storage="uint8")
+
+
+def peft_config(cfg: LoraConfig) -> Any:
+    """The PEFT LoRA config for a lora section."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+
+
+def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load `cfg.name` in 4-bit and save the quantized checkpoint + tokenizer to `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name, quantization_config=bnb_config(cfg), device_map=device_map(), use_safetensors=True,
+        dtype=compute_dtype(cfg.compute_dtype), **common)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.name, **common)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return quantization_report(model)
+
+
+def quantization_report(model: Any) -> dict[str, Any]:
+    """How many layers are 4-bit, and the in-memory footprint against a 16-bit copy."""
+    import bitsandbytes as bnb
+    import torch
+
+    # A 4-bit weight is stored packed, two values per uint8 element.
+    n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    return {"linear4bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+            "footprint_bytes": int(model.get_memory_footprint()),
+            "bf16_bytes_estimate": int(2 * n_params)}
+
+
+def load_base(base_dir: str | Path) -> Any:
+    """The saved 4-bit base, its quantization config read back from config.json."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), device_map=device_map(), use_safetensors=True)
+
+
+def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Attach a fresh LoRA adapter to the 4-bit base and save the adapter alone (PEFT format)."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(load_base(base_dir), peft_config(cfg))
+    model.save_pretrained(str(out_dir))
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"trainable_params": int(trainable), "total_params": int(total),
+            "target_modules": sorted(model.peft_config["default"].target_modules)}
+
+
+def load_trainable(base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool) -> Any:
+    """4-bit base prepared for k-bit training + the adapter with only its weights trainable."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    base = prepare_model_for_kbit_training(load_base(base_dir), use_gradient_checkpointing=gradient_checkpointing)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+
+
+def load_for_inference(base_dir: str | Path, adapter_dir: str | Path) -> Any:
+    """4-bit base + adapter in eval mode; `with model.disable_adapter():` gives the base alone."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_base(base_dir), str(adapter_dir)).eval()

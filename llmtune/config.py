@@ -1,0 +1,199 @@
+"""One typed run configuration, one section per concern, validated before any heavy work.
+
+Defaults live here and nowhere else. A YAML file overrides them, and `--set section.key=value`
+overrides the file. Every problem surfaces as a `ConfigError` whose message names the key or file
+and what is allowed, so the CLI can print one paragraph and exit 2.
+
+Example:
+    >>> cfg = load_config(None, ["training.max_steps=5", "model.backend=hf"])
+    >>> cfg.training.max_steps, cfg.model.backend
+    (5, 'hf')
+    >>> load_config(None, ["training.max_stpes=5"])
+    Traceback (most recent call last):
+    ...
+    llmtune.config.ConfigError: Unknown key 'training.max_stpes' (from --set). Allowed keys in 'training': ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEMO_MODEL_PATH = "assets/demo-base"
+DEMO_DATASET_PATH = "data/demo/instructions.jsonl"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        DEMO_DATASET_PATH,
+        description="Local JSONL/JSON file, or a Hugging Face Hub dataset id (e.g. yahma/alpaca-cleaned).",
+    )
+    format: Literal["alpaca"] = Field("alpaca", description="Row format: alpaca = instruction/input/output.")
+    split: str = Field("train", description="Split to read from a Hub dataset or a local dataset folder.")
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit).")
+    chat_template: Literal["chatml"] | None = Field(
+        None, description="Named template for tokenizers without one; null uses the tokenizer's own."
+    )
+    max_seq_length: int = Field(256, ge=8, le=131072, description="Longest example in tokens; longer ones are dropped.")
+    eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of rows held out for evaluation.")
+    max_rows: int | None = Field(None, ge=2, description="Use at most this many rows (a seeded subsample).")
+    train_on_responses_only: bool = Field(True, description="Mask prompt tokens so only responses carry loss.")
+    seed: int = Field(42, description="Seed for the subsample and the train/eval split.")
+
+
+class ModelConfig(_Section):
+    name: str = Field(DEMO_MODEL_PATH, description="Hub model id or local directory in save_pretrained format.")
+    revision: str | None = Field(None, description="Hub model revision (branch, tag or commit).")
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto = unsloth when CUDA and unsloth are present, else hf (transformers+bitsandbytes)."
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA double quant).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of 4-bit matmuls; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off: safer).")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt; all-linear = every linear projection but the LM head."
+    )
+    seed: int = Field(0, description="Seed for the adapter's initial weights.")
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(300, ge=1, description="Optimizer steps to run.")
+    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_8bit on GPU.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory (use on GPU for big models).")
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps (to MLflow too).")
+    seed: int = Field(42)
+
+
+class EvaluationConfig(_Section):
+    max_eval_rows: int | None = Field(200, ge=1, description="Rows of the eval split scored for loss (null = all).")
+    num_generation_prompts: int = Field(64, ge=0, description="Eval prompts answered by greedy generation.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer.")
+    batch_size: int = Field(16, ge=1, description="Batch size for eval loss and generation.")
+
+
+class ExportConfig(_Section):
+    output_dir: str | None = Field("outputs", description="Local folder for adapter + merged model, one subfolder per run; null = artifact store only.")
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the merged model.")
+    merge_check_prompts: int = Field(8, ge=1, description="Eval prompts used to verify the merged model.")
+    merge_check_atol: float = Field(
+        0.1, gt=0.0, description="Largest allowed |logit| gap between merged and base+adapter (16-bit rounding)."
+    )
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.lora.alpha > 64 * self.lora.r:
+            raise ValueError(f"lora.alpha={self.lora.alpha} is over 64 x lora.r; training would diverge")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params: `{"training.max_steps": 300, ...}`."""
+        return {f"{section}.{key}": value for section, values in self.model_dump().items()
+                for key, value in values.items()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated; raises ConfigError."""
+    raw = _read_yaml(Path(path)) if path else {}
+    for item in overrides or []:
+        _apply_override(raw, item)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_explain(err, source=str(path) if path else "defaults and --set")) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
+                          f"(the shipped ones are under configs/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections "
+                          f"({', '.join(RunConfig.model_fields)}), not a {type(data).__name__}.")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set '{item}' is not of the form section.key=value "
+                          f"(e.g. --set training.max_steps=5).")
+    section, field = parts
+    if section not in RunConfig.model_fields:
+        raise ConfigError(f"Unknown section '{section}' in --set '{item}'. "
+                          f"Allowed sections: {', '.join(RunConfig.model_fields)}.")
+    allowed = _section_class(section).model_fields
+    if field not in allowed:
+        raise ConfigError(f"Unknown key '{key}' (from --set). Allowed keys in '{section}': {', '.join(allowed)}.")
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"Section '{section}' must be a mapping.")
+    # YAML parsing gives `5` -> int, `true` -> bool, `null` -> None, `[a, b]` -> list, like in the file.
+    raw[section][field] = yaml.safe_load(text) if text.strip() else text
+
+
+def _section_class(section: str) -> type[BaseModel]:
+    annotation = RunConfig.model_fields[section].annotation
+    assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = str(e["loc"][0]) if len(e["loc"]) > 1 else None
+            allowed = _section_class(section).model_fields if section in RunConfig.model_fields else RunConfig.model_fields
+            where = f"'{section}'" if section in RunConfig.model_fields else "the top level"
+            problems.append(f"Unknown key '{loc}'. Allowed keys in {where}: {', '.join(allowed)}.")
+        elif not loc:
+            problems.append(e["msg"].removeprefix("Value error, ") + ".")
+        else:
+            problems.append(f"'{loc}' = {e.get('input')!r} is invalid: {e['msg']}.")
+    return f"Invalid configuration (from {source}): " + " ".join(problems)

@@ -1,0 +1,56 @@
+"""Checks that run before any model is loaded: do the data and model exist, are the data rows usable.
+
+Example:
+    >>> from llmtune.config import RunConfig
+    >>> check_inputs(RunConfig.model_validate({"data": {"source": "no/such.jsonl"}}))
+    Traceback (most recent call last):
+    ...
+    llmtune.preflight.PreflightError: data.source: 'no/such.jsonl' does not exist. ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmtune import data
+from llmtune.config import DEMO_MODEL_PATH, RunConfig
+
+
+class PreflightError(ValueError):
+    """An input the run cannot use; the message names it and what to do."""
+
+
+def check_inputs(cfg: RunConfig, build_demo: bool = True) -> None:
+    """Validate data and model sources; build the demo base model on first use."""
+    _check_data(cfg)
+    _check_model(cfg, build_demo)
+
+
+def _check_data(cfg: RunConfig) -> None:
+    source = Path(cfg.data.source)
+    if not source.exists() and (source.suffix in {".json", ".jsonl"} or not data.looks_like_hub_id(cfg.data.source)):
+        raise PreflightError(f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL/JSON "
+                             f"file (relative to the project root) or a Hub dataset id like owner/name.")
+    if source.is_file():
+        try:
+            rows = data.load_rows(cfg.data)
+            for number, row in enumerate(rows, start=1):
+                data.to_messages(row, f"{source}, row {number}")
+        except data.DataError as err:
+            raise PreflightError(f"data.source: {err}") from None
+        if not rows:
+            raise PreflightError(f"data.source: '{source}' has no rows.")
+
+
+def _check_model(cfg: RunConfig, build_demo: bool) -> None:
+    path = Path(cfg.model.name)
+    if cfg.model.name == DEMO_MODEL_PATH and not path.exists() and build_demo:
+        from llmtune.demo import ensure_demo_model
+
+        ensure_demo_model(path)
+    if path.exists() and not (path / "config.json").is_file():
+        raise PreflightError(f"model.name: '{path}' is a folder without config.json; it must be a model saved "
+                             f"with save_pretrained (or use a Hub id like meta-llama/Llama-3.2-1B-Instruct).")
+    if not path.exists() and not data.looks_like_hub_id(cfg.model.name):
+        raise PreflightError(f"model.name: '{cfg.model.name}' is neither a local model folder nor a Hub id "
+                             f"(owner/name).")

@@ -1,0 +1,1 @@
+"""ZenML pipeline wiring only; the work happens in steps/ and the llmtune library."""

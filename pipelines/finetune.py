@@ -1,0 +1,22 @@
+"""The `finetune` pipeline: prepare -> 4-bit load -> LoRA -> SFT -> evaluate -> merge/export.
+
+Each step gets only its own config section, so changing a training hyperparameter re-runs
+train_sft and what follows, and reuses the cached data, base model and initial adapter.
+"""
+
+from zenml import pipeline
+
+from llmtune.config import RunConfig
+from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepare_dataset, train_sft
+
+
+@pipeline(name="finetune")
+def finetune(config: dict) -> None:
+    cfg = RunConfig.model_validate(config)
+    backend = cfg.model.backend
+    data = prepare_dataset(cfg.data, tokenizer_source=cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    base = load_base_model(cfg.model)
+    initial = inject_lora(base, cfg.lora, backend=backend)
+    adapter = train_sft(base, initial, data, cfg.training, backend=backend, max_seq_length=cfg.data.max_seq_length)
+    report = evaluate(base, adapter, data, cfg.evaluation, backend=backend)
+    merge_and_push(base, adapter, data, report, cfg.export, resolved_config=cfg.to_yaml())

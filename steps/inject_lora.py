@@ -1,0 +1,19 @@
+"""Step 3: attach a fresh LoRA adapter to the 4-bit base and save the adapter (PEFT format)."""
+
+import tempfile
+
+from zenml import step
+
+from llmtune.artifacts import Adapter, QuantizedBase
+from llmtune.backends import resolve_backend
+from llmtune.config import LoraConfig
+from steps._record import record, section_params
+
+
+@step(experiment_tracker=True)
+def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Adapter:
+    out = tempfile.mkdtemp(prefix="llmtune-adapter-")
+    report = resolve_backend(backend).add_lora(base.path, cfg, out)
+    record(metadata=report, params=section_params("lora", cfg),
+           metrics={"trainable_params": report["trainable_params"], "total_params": report["total_params"]})
+    return Adapter(out)

@@ -1,0 +1,20 @@
+"""Step 2: load the base model in 4-bit (NF4, double quant) and save the quantized checkpoint."""
+
+import tempfile
+
+from zenml import step
+
+from llmtune.artifacts import QuantizedBase
+from llmtune.backends import resolve_backend
+from llmtune.config import ModelConfig
+from steps._record import record, section_params
+
+
+@step(experiment_tracker=True)
+def load_base_model(cfg: ModelConfig) -> QuantizedBase:
+    backend = resolve_backend(cfg.backend)
+    out = tempfile.mkdtemp(prefix="llmtune-base-")
+    report = backend.load_quantized(cfg, out)
+    record(metadata={"backend": backend.NAME, **report},
+           params={**section_params("model", cfg), "model.backend_used": backend.NAME})
+    return QuantizedBase(out)

@@ -1,0 +1,51 @@
+"""Materializers that move artifact folders through the ZenML artifact store (local or remote)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, ClassVar
+
+from zenml.enums import ArtifactType
+from zenml.io import fileio
+from zenml.materializers.base_materializer import BaseMaterializer
+
+from llmtune.artifacts import Adapter, ArtifactDir, MergedModel, PreparedData, QuantizedBase
+
+
+class _DirectoryIO:
+    """Copy a folder into the artifact store and back; shared by the materializers below."""
+
+    uri: str
+
+    def save(self, data: ArtifactDir) -> None:
+        for root, _, files in os.walk(data.path):
+            target = os.path.join(self.uri, os.path.relpath(root, data.path))
+            fileio.makedirs(target)
+            for name in files:
+                fileio.copy(os.path.join(root, name), os.path.join(target, name), overwrite=True)
+
+    def load(self, data_type: type[Any]) -> ArtifactDir:
+        if os.path.isdir(self.uri):  # local artifact store: read in place, never written to
+            return data_type(self.uri)
+        local = tempfile.mkdtemp(prefix="llmtune-artifact-")
+        for root, _, files in fileio.walk(self.uri):
+            rel = os.path.relpath(str(root), self.uri)
+            os.makedirs(os.path.join(local, rel), exist_ok=True)
+            for name in files:
+                fileio.copy(os.path.join(str(root), str(name)), os.path.join(local, rel, str(name)))
+        return data_type(local)
+
+    def extract_metadata(self, data: ArtifactDir) -> dict[str, Any]:
+        sizes = [os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(data.path) for f in fs]
+        return {"files": len(sizes), "size_bytes": sum(sizes)}
+
+
+class DataDirMaterializer(_DirectoryIO, BaseMaterializer):
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (PreparedData,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+
+class ModelDirMaterializer(_DirectoryIO, BaseMaterializer):
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (QuantizedBase, Adapter, MergedModel)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
