@@ -21,20 +21,37 @@ PIPELINES = ("finetune",)
 
 def quiet_network_env() -> None:
     """Turn off telemetry and analytics that would try the network; keep the user's explicit settings."""
-    for key, value in {"ZENML_ANALYTICS_OPT_IN": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "ZENML_ENABLE_RICH_TRACEBACK": "false"}.items():
+    for key, value in {
+        "ZENML_ANALYTICS_OPT_IN": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ZENML_ENABLE_RICH_TRACEBACK": "false",
+    }.items():
         os.environ.setdefault(key, value)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="QLoRA fine-tuning pipeline (ZenML + MLflow).",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description="QLoRA fine-tuning pipeline (ZenML + MLflow).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--pipeline", choices=PIPELINES, default="finetune", help="which pipeline to run")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "finetune.yaml"),
-                        help="YAML run config (default: configs/finetune.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config value; repeatable, e.g. --set training.max_steps=5")
+    parser.add_argument(
+        "--config",
+        default=str(ROOT / "configs" / "finetune.yaml"),
+        help="YAML run config (default: configs/finetune.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable, e.g. --set training.max_steps=5",
+    )
     parser.add_argument("--no-cache", action="store_true", help="re-run every step instead of reusing results")
     return parser.parse_args(argv)
 

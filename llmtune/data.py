@@ -40,8 +40,10 @@ def load_rows(cfg: DataConfig) -> list[dict[str, Any]]:
         return _read_json_rows(path)
     if path.exists() or looks_like_hub_id(cfg.source):
         return _load_with_datasets(cfg)
-    raise DataError(f"Dataset source '{cfg.source}' is neither an existing file or folder nor a Hub dataset id "
-                    f"(owner/name). Set data.source to a JSONL/JSON file or a Hub id.")
+    raise DataError(
+        f"Dataset source '{cfg.source}' is neither an existing file or folder nor a Hub dataset id "
+        f"(owner/name). Set data.source to a JSONL/JSON file or a Hub id."
+    )
 
 
 def looks_like_hub_id(source: str) -> bool:
@@ -111,24 +113,30 @@ def configure_tokenizer(tokenizer: Any, template_name: str | None) -> Any:
     elif not tokenizer.chat_template:
         raise DataError("The tokenizer has no chat template. Set data.chat_template (e.g. chatml).")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        candidates = [t for t in ("<|finetune_right_pad_id|>", "<pad>", tokenizer.unk_token)
-                      if t and t in tokenizer.get_vocab() and t != tokenizer.eos_token]
+        candidates = [
+            t
+            for t in ("<|finetune_right_pad_id|>", "<pad>", tokenizer.unk_token)
+            if t and t in tokenizer.get_vocab() and t != tokenizer.eos_token
+        ]
         if candidates:
             tokenizer.pad_token = candidates[0]
     return tokenizer
 
 
-def encode_example(tokenizer: Any, row: dict[str, Any], train_on_responses_only: bool,
-                   where: str = "row") -> dict[str, list[int]]:
+def encode_example(
+    tokenizer: Any, row: dict[str, Any], train_on_responses_only: bool, where: str = "row"
+) -> dict[str, list[int]]:
     """Token ids and labels for one row; prompt tokens get -100 when training on responses only."""
     messages = to_messages(row, where)
     prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
-        raise DataError("The chat template renders the prompt differently with and without the answer; "
-                        "choose another data.chat_template.")
+        raise DataError(
+            "The chat template renders the prompt differently with and without the answer; "
+            "choose another data.chat_template."
+        )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = _answer_ids(tokenizer, full[len(prompt):])
+    answer_ids = _answer_ids(tokenizer, full[len(prompt) :])
     labels = ([-100] * len(prompt_ids) if train_on_responses_only else list(prompt_ids)) + answer_ids
     return {"input_ids": prompt_ids + answer_ids, "labels": labels}
 
@@ -153,8 +161,10 @@ def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, A
     configure_tokenizer(tokenizer, cfg.chat_template)
     encoded, dropped = _encode_all(tokenizer, rows, cfg)
     if len(encoded) < 2:
-        raise DataError(f"Only {len(encoded)} usable rows in '{cfg.source}' after filtering ({dict(dropped)}); "
-                        f"need at least 2 for a train/eval split.")
+        raise DataError(
+            f"Only {len(encoded)} usable rows in '{cfg.source}' after filtering ({dict(dropped)}); "
+            f"need at least 2 for a train/eval split."
+        )
     train_idx, eval_idx = _split(len(encoded), cfg.eval_fraction, cfg.seed)
     out = Path(out_dir)
     Dataset.from_list([encoded[i][0] for i in train_idx]).save_to_disk(str(out / "train"))
@@ -173,7 +183,8 @@ def _subsample(rows: list[dict[str, Any]], max_rows: int | None, seed: int) -> l
 
 
 def _encode_all(tokenizer: Any, rows: list[dict[str, Any]], cfg: DataConfig) -> tuple[list, Counter]:
-    encoded, dropped = [], Counter()
+    encoded: list[tuple[dict, dict]] = []
+    dropped: Counter[str] = Counter()
     for number, row in enumerate(rows, start=1):
         where = f"{cfg.source}, row {number}"
         if not str(row.get("output") or "").strip():
@@ -207,9 +218,15 @@ def _write_eval_prompts(tokenizer: Any, rows: list[dict[str, Any]], path: Path) 
 def _stats(rows: list, encoded: list, dropped: Counter, n_train: int, n_eval: int) -> dict[str, Any]:
     lengths = sorted(len(ex["input_ids"]) for ex, _ in encoded)
     pct = {f"p{p}": lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99)}
-    return {"rows_in": len(rows), "rows_kept": len(encoded), "dropped": dict(dropped),
-            "train_rows": n_train, "eval_rows": n_eval, "token_length": {**pct, "max": lengths[-1]},
-            "fingerprint": fingerprint(rows)}
+    return {
+        "rows_in": len(rows),
+        "rows_kept": len(encoded),
+        "dropped": dict(dropped),
+        "train_rows": n_train,
+        "eval_rows": n_eval,
+        "token_length": {**pct, "max": lengths[-1]},
+        "fingerprint": fingerprint(rows),
+    }
 
 
 def fingerprint(rows: list[dict[str, Any]]) -> str:

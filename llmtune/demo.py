@@ -29,7 +29,64 @@ CHATML_TEMPLATE = (
 )
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-NOUNS = ["apple", "pear", "plum", "fig", "lime", "kiwi", "grape", "melon", "cherry", "peach", "lemon", "mango", "cat", "dog", "fox", "owl", "bee", "ant", "cow", "pig", "hen", "duck", "goat", "wolf", "bear", "frog", "seal", "crab", "red", "blue", "green", "black", "white", "pink", "gray", "gold", "boat", "car", "bus", "train", "plane", "bike", "ship", "cart", "rock", "tree", "lake", "hill", "road", "rain", "snow", "wind", "star", "moon", "sun", "cloud"]
+NOUNS = [
+    "apple",
+    "pear",
+    "plum",
+    "fig",
+    "lime",
+    "kiwi",
+    "grape",
+    "melon",
+    "cherry",
+    "peach",
+    "lemon",
+    "mango",
+    "cat",
+    "dog",
+    "fox",
+    "owl",
+    "bee",
+    "ant",
+    "cow",
+    "pig",
+    "hen",
+    "duck",
+    "goat",
+    "wolf",
+    "bear",
+    "frog",
+    "seal",
+    "crab",
+    "red",
+    "blue",
+    "green",
+    "black",
+    "white",
+    "pink",
+    "gray",
+    "gold",
+    "boat",
+    "car",
+    "bus",
+    "train",
+    "plane",
+    "bike",
+    "ship",
+    "cart",
+    "rock",
+    "tree",
+    "lake",
+    "hill",
+    "road",
+    "rain",
+    "snow",
+    "wind",
+    "star",
+    "moon",
+    "sun",
+    "cloud",
+]
 
 # Same rule, several phrasings, so the model must read the instruction and not a fixed string.
 TASKS: dict[str, list[str]] = {
@@ -53,11 +110,15 @@ def _make_row(rng: random.Random, task: str) -> dict[str, str]:
     instruction = rng.choice(TASKS[task])
     if task == "digits":
         digits = [rng.randrange(10) for _ in range(rng.randint(2, 5))]
-        return {"instruction": instruction, "input": " ".join(map(str, digits)),
-                "output": " ".join(DIGIT_WORDS[d] for d in digits)}
+        return {
+            "instruction": instruction,
+            "input": " ".join(map(str, digits)),
+            "output": " ".join(DIGIT_WORDS[d] for d in digits),
+        }
     words = rng.sample(NOUNS, rng.randint(2, 6))
-    answer = {"reverse": " ".join(reversed(words)), "count": str(len(words)),
-              "first": words[0], "last": words[-1]}[task]
+    answer = {"reverse": " ".join(reversed(words)), "count": str(len(words)), "first": words[0], "last": words[-1]}[
+        task
+    ]
     return {"instruction": instruction, "input": " ".join(words), "output": answer}
 
 
@@ -80,26 +141,51 @@ def build_demo_tokenizer(rows: Iterable[dict[str, str]], vocab_size: int = 512) 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     core.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
 
 # Shapes of the random-init bases: "tiny" for tests (2 layers, hidden 64), "demo" for the default run.
-MODEL_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2},
-    "demo": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "num_key_value_heads": 2},
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
+    "demo": {
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    },
 }
 
 
-def build_demo_model(out_dir: str | Path, shape: str = "demo", rows: list[dict[str, str]] | None = None,
-                     seed: int = 0, pretrain_steps: int = 0) -> Path:
+def build_demo_model(
+    out_dir: str | Path,
+    shape: str = "demo",
+    rows: list[dict[str, str]] | None = None,
+    seed: int = 0,
+    pretrain_steps: int = 0,
+) -> Path:
     """Save a Llama base + tokenizer to `out_dir` (safetensors), reproducible from the seed.
 
     With `pretrain_steps=0` the weights are random. Otherwise the model is first trained in full on plain
@@ -109,9 +195,15 @@ def build_demo_model(out_dir: str | Path, shape: str = "demo", rows: list[dict[s
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_demo_tokenizer(rows if rows is not None else make_demo_rows(2000, seed=seed))
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, **MODEL_SHAPES[shape])
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **MODEL_SHAPES[shape],
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if pretrain_steps:
@@ -127,8 +219,9 @@ def pretraining_text(row: dict[str, str]) -> str:
     return f"{row['instruction']}\n\n{row['input']}\n{row['output']}"
 
 
-def pretrain(model: Any, tokenizer: Any, rows: list[dict[str, str]], steps: int, batch_size: int = 32,
-             lr: float = 3e-3) -> list[float]:
+def pretrain(
+    model: Any, tokenizer: Any, rows: list[dict[str, str]], steps: int, batch_size: int = 32, lr: float = 3e-3
+) -> list[float]:
     """Full-parameter next-token training on plain-text rows; returns the loss per step."""
     import torch
 
@@ -161,6 +254,7 @@ def ensure_demo_model(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         print(f"Building the demo base model in {path} (once; about a minute)...", flush=True)
-        build_demo_model(path, shape="demo", rows=make_demo_rows(DEMO_DATASET_ROWS, seed=0),
-                         pretrain_steps=DEMO_PRETRAIN_STEPS)
+        build_demo_model(
+            path, shape="demo", rows=make_demo_rows(DEMO_DATASET_ROWS, seed=0), pretrain_steps=DEMO_PRETRAIN_STEPS
+        )
     return path

@@ -22,12 +22,13 @@ def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> f
 
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = _pad_batch(dataset[start:start + batch_size], pad_token_id)
+        batch = _pad_batch(dataset[start : start + batch_size], pad_token_id)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total += losses.item()
         count += int((labels != -100).sum())
     return total / max(count, 1)
@@ -53,20 +54,25 @@ def _model_device_hint() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int,
-                     batch_size: int) -> list[str]:
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers, batched with left padding, stopping at EOS."""
     import torch
 
     tokenizer.padding_side = "left"
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(_model_device_hint())
+        batch = tokenizer(
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(_model_device_hint())
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = out[:, batch["input_ids"].shape[1] :]
         answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
 
@@ -78,8 +84,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
-def compare(model: Any, tokenizer: Any, eval_dataset: Any, eval_prompts: list[dict[str, str]],
-            cfg: EvaluationConfig) -> dict[str, Any]:
+def compare(
+    model: Any, tokenizer: Any, eval_dataset: Any, eval_prompts: list[dict[str, str]], cfg: EvaluationConfig
+) -> dict[str, Any]:
     """Metrics for base (adapter off) and tuned (adapter on), plus a few side-by-side samples."""
     rows = eval_dataset.select(range(min(len(eval_dataset), cfg.max_eval_rows or len(eval_dataset))))
     prompts = eval_prompts[: cfg.num_generation_prompts]
@@ -88,14 +95,17 @@ def compare(model: Any, tokenizer: Any, eval_dataset: Any, eval_prompts: list[di
     for name in ("base", "tuned"):
         with _adapter(model, enabled=name == "tuned"):
             loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
-            outputs[name] = generate_answers(model, tokenizer, [p["prompt"] for p in prompts],
-                                             cfg.max_new_tokens, cfg.batch_size)
+            outputs[name] = generate_answers(
+                model, tokenizer, [p["prompt"] for p in prompts], cfg.max_new_tokens, cfg.batch_size
+            )
         results[f"{name}_eval_loss"] = round(loss, 4)
         results[f"{name}_perplexity"] = round(math.exp(min(loss, 50.0)), 3)
         results[f"{name}_exact_match"] = exact_match(outputs[name], [p["reference"] for p in prompts])
     results["eval_rows"], results["generation_prompts"] = len(rows), len(prompts)
-    results["samples"] = [{"reference": p["reference"], "base": b, "tuned": t}
-                          for p, b, t in zip(prompts[:8], outputs["base"], outputs["tuned"], strict=False)]
+    results["samples"] = [
+        {"reference": p["reference"], "base": b, "tuned": t}
+        for p, b, t in zip(prompts[:8], outputs["base"], outputs["tuned"], strict=False)
+    ]
     return results
 
 

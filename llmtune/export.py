@@ -24,8 +24,9 @@ class MergeCheckFailed(RuntimeError):
     """The merged model does not reproduce base+adapter; it must not be published."""
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str,
-                  tokenizer: Any) -> Path:
+def merge_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str, tokenizer: Any
+) -> Path:
     """Dequantize the 4-bit base, merge the adapter, save a plain 16-bit safetensors model + tokenizer."""
     import torch
     from peft import PeftModel
@@ -59,8 +60,9 @@ def max_logit_gap(a: Any, b: Any) -> float:
     return float((torch.as_tensor(a, dtype=torch.float32) - torch.as_tensor(b, dtype=torch.float32)).abs().max())
 
 
-def check_merged(merged_dir: str | Path, reference_model: Any, tokenizer: Any, prompts: list[str],
-                 atol: float) -> dict[str, Any]:
+def check_merged(
+    merged_dir: str | Path, reference_model: Any, tokenizer: Any, prompts: list[str], atol: float
+) -> dict[str, Any]:
     """Compare the merged model (loaded with plain transformers) with base+adapter on `prompts`."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -74,23 +76,33 @@ def check_merged(merged_dir: str | Path, reference_model: Any, tokenizer: Any, p
             got = merged(**ids).logits.float()
         gaps.append(max_logit_gap(got, want))
         same_argmax &= bool(torch.equal(got.argmax(-1), want.argmax(-1)))
-    result = {"merge_check_max_logit_gap": round(max(gaps), 5), "merge_check_atol": atol,
-              "merge_check_same_argmax": same_argmax, "merge_check_prompts": len(prompts)}
+    result = {
+        "merge_check_max_logit_gap": round(max(gaps), 5),
+        "merge_check_atol": atol,
+        "merge_check_same_argmax": same_argmax,
+        "merge_check_prompts": len(prompts),
+    }
     result["merge_check_passed"] = result["merge_check_max_logit_gap"] <= atol
     return result
 
 
-def export(base_dir: str | Path, adapter_dir: str | Path, tokenizer: Any, prompts: list[str],
-           cfg: ExportConfig, work_dir: str | Path) -> dict[str, Any]:
+def export(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    tokenizer: Any,
+    prompts: list[str],
+    cfg: ExportConfig,
+    work_dir: str | Path,
+) -> dict[str, Any]:
     """Merge + verify into `work_dir/merged`; raise MergeCheckFailed when the check fails."""
     merged_dir = merge_adapter(base_dir, adapter_dir, Path(work_dir) / "merged", cfg.dtype, tokenizer)
     reference = hf.load_for_inference(base_dir, adapter_dir)
-    result = check_merged(merged_dir, reference, tokenizer, prompts[: cfg.merge_check_prompts],
-                          cfg.merge_check_atol)
+    result = check_merged(merged_dir, reference, tokenizer, prompts[: cfg.merge_check_prompts], cfg.merge_check_atol)
     if not result["merge_check_passed"]:
         raise MergeCheckFailed(
             f"Merged model differs from base+adapter by up to {result['merge_check_max_logit_gap']} in logits "
-            f"(allowed {cfg.merge_check_atol}); not exporting it. Try export.dtype=float16 or check the adapter.")
+            f"(allowed {cfg.merge_check_atol}); not exporting it. Try export.dtype=float16 or check the adapter."
+        )
     return {**result, "merged_dir": str(merged_dir)}
 
 

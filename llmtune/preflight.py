@@ -29,8 +29,10 @@ def check_inputs(cfg: RunConfig, build_demo: bool = True) -> None:
 def _check_data(cfg: RunConfig) -> None:
     source = Path(cfg.data.source)
     if not source.exists() and (source.suffix in {".json", ".jsonl"} or not data.looks_like_hub_id(cfg.data.source)):
-        raise PreflightError(f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL/JSON "
-                             f"file (relative to the project root) or a Hub dataset id like owner/name.")
+        raise PreflightError(
+            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL/JSON "
+            f"file (relative to the project root) or a Hub dataset id like owner/name."
+        )
     if source.is_file():
         try:
             rows = data.load_rows(cfg.data)
@@ -49,8 +51,11 @@ def _check_model(cfg: RunConfig, build_demo: bool) -> None:
 
         ensure_demo_model(path)
     if path.exists() and not (path / "config.json").is_file():
-        raise PreflightError(f"model.name: '{path}' is a folder without config.json; it must be a model saved "
-                             f"with save_pretrained (or use a Hub id like meta-llama/Llama-3.2-1B-Instruct).")
+        raise PreflightError(
+            f"model.name: '{path}' is a folder without config.json; it must be a model saved "
+            f"with save_pretrained (or use a Hub id like meta-llama/Llama-3.2-1B-Instruct)."
+        )
     if not path.exists() and not data.looks_like_hub_id(cfg.model.name):
-        raise PreflightError(f"model.name: '{cfg.model.name}' is neither a local model folder nor a Hub id "
-                             f"(owner/name).")
+        raise PreflightError(
+            f"model.name: '{cfg.model.name}' is neither a local model folder nor a Hub id (owner/name)."
+        )

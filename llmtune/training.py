@@ -30,14 +30,29 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int) -> 
 
     on_gpu = torch.cuda.is_available()
     return SFTConfig(
-        output_dir=str(output_dir), max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        output_dir=str(output_dir),
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-        optim=cfg.optim, gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=cfg.logging_steps,
-        seed=cfg.seed, data_seed=cfg.seed, max_length=max_length, bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        use_cpu=not on_gpu, report_to="none", save_strategy="no", eval_strategy="no",
-        dataloader_num_workers=0, disable_tqdm=False, dataset_num_proc=None,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=cfg.optim,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        max_length=max_length,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        dataset_num_proc=None,
     )
 
 
@@ -47,14 +62,15 @@ class LossHistory(TrainerCallback):
     def __init__(self) -> None:
         self.points: list[dict[str, float]] = []
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:
             return
         loss = float(logs["loss"])
         if not math.isfinite(loss):
-            raise TrainingError(f"Training loss became {loss} at step {state.global_step}. Lower "
-                                f"training.learning_rate or check that some labels are not masked.")
+            raise TrainingError(
+                f"Training loss became {loss} at step {state.global_step}. Lower "
+                f"training.learning_rate or check that some labels are not masked."
+            )
         self.points.append({"step": state.global_step, "loss": loss})
         _log_mlflow_metric("train_loss", loss, state.global_step)
 
@@ -73,8 +89,9 @@ class _PortableSFTTrainer(SFTTrainer):
     we let the model compute the same token-mean cross-entropy from full logits.
     """
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         if _fused_lm_head_runs(inputs["input_ids"]):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs = {**inputs, "use_cache": False}
@@ -90,21 +107,32 @@ def _fused_lm_head_runs(tensor: Any) -> bool:
     return tensor.is_cuda and getattr(trl_utils, "_ChunkedLogProbFunction", None) is not None
 
 
-def train(model: Any, tokenizer: Any, train_dataset: Any, cfg: TrainingConfig, work_dir: str | Path,
-          max_length: int) -> dict[str, Any]:
+def train(
+    model: Any, tokenizer: Any, train_dataset: Any, cfg: TrainingConfig, work_dir: str | Path, max_length: int
+) -> dict[str, Any]:
     """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed."""
     history = LossHistory()
-    trainer = _PortableSFTTrainer(model=model, args=sft_config(cfg, work_dir, max_length),
-                                  train_dataset=train_dataset, processing_class=tokenizer, callbacks=[history])
+    trainer = _PortableSFTTrainer(
+        model=model,
+        args=sft_config(cfg, work_dir, max_length),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        callbacks=[history],
+    )
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
     if not history.points:
         history.points.append({"step": cfg.max_steps, "loss": float(result.training_loss)})
     tokens = int(sum(len(ids) for ids in train_dataset["input_ids"])) * _epochs_seen(trainer, train_dataset)
-    return {"loss_history": history.points, "final_loss": history.points[-1]["loss"],
-            "first_loss": history.points[0]["loss"], "train_seconds": round(seconds, 2),
-            "steps": int(trainer.state.global_step), "approx_tokens_per_second": round(tokens / seconds, 1)}
+    return {
+        "loss_history": history.points,
+        "final_loss": history.points[-1]["loss"],
+        "first_loss": history.points[0]["loss"],
+        "train_seconds": round(seconds, 2),
+        "steps": int(trainer.state.global_step),
+        "approx_tokens_per_second": round(tokens / seconds, 1),
+    }
 
 
 def _epochs_seen(trainer: Any, dataset: Any) -> float:

@@ -30,10 +30,13 @@ def _find_stack(client: Client) -> str | None:
 def _create_stack(client: Client) -> str:
     if not client.list_stack_components(name=TRACKER_NAME, type="experiment_tracker").items:
         # No tracking_uri: ZenML's MLflow tracker then keeps an SQLite store inside the artifact store.
-        client.create_stack_component(name=TRACKER_NAME, flavor="mlflow", component_type="experiment_tracker",
-                                      configuration={})
-    stack = client.create_stack(name=STACK_NAME, components={
-        "orchestrator": "default", "artifact_store": "default", "experiment_tracker": TRACKER_NAME})
+        client.create_stack_component(
+            name=TRACKER_NAME, flavor="mlflow", component_type="experiment_tracker", configuration={}
+        )
+    stack = client.create_stack(
+        name=STACK_NAME,
+        components={"orchestrator": "default", "artifact_store": "default", "experiment_tracker": TRACKER_NAME},
+    )
     return str(stack.id)
 
 

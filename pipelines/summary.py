@@ -23,8 +23,9 @@ def mlflow_run_id(run_name: str) -> str | None:
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_tracking_uri())
-    found = mlflow.search_runs(experiment_names=[EXPERIMENT], filter_string=f"tags.mlflow.runName = '{run_name}'",
-                               output_format="list")
+    found = mlflow.search_runs(
+        experiment_names=[EXPERIMENT], filter_string=f"tags.mlflow.runName = '{run_name}'", output_format="list"
+    )
     return found[0].info.run_id if found else None
 
 
@@ -61,8 +62,9 @@ def _steps_table(run: Any) -> Table:
 
 
 def _metrics_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"Base vs tuned ({report['eval_rows']} eval rows, "
-                        f"{report['generation_prompts']} generation prompts)")
+    table = Table(
+        title=f"Base vs tuned ({report['eval_rows']} eval rows, {report['generation_prompts']} generation prompts)"
+    )
     for column in ("metric", "base", "tuned"):
         table.add_column(column)
     for metric in ("eval_loss", "perplexity", "exact_match"):

@@ -1,7 +1,7 @@
 """Regenerate the demo dataset (committed) and build the demo base model (not committed).
 
-    python scripts/make_demo_assets.py             # both
-    python scripts/make_demo_assets.py --dataset   # only data/demo/instructions.jsonl
+python scripts/make_demo_assets.py             # both
+python scripts/make_demo_assets.py --dataset   # only data/demo/instructions.jsonl
 """
 
 import argparse

@@ -8,8 +8,9 @@ import mlflow
 from zenml import log_metadata
 
 
-def record(metadata: dict[str, Any], params: dict[str, Any] | None = None,
-           metrics: dict[str, float] | None = None) -> None:
+def record(
+    metadata: dict[str, Any], params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None
+) -> None:
     """Log `metadata` on the step, `params` and `metrics` to the active MLflow run."""
     log_metadata(metadata=metadata)
     if mlflow.active_run() is None:

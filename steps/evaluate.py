@@ -16,14 +16,18 @@ from steps._record import record, section_params
 
 
 @step(experiment_tracker=True)
-def evaluate(base: QuantizedBase, adapter: Adapter, data: PreparedData, cfg: EvaluationConfig,
-             backend: str) -> Annotated[dict[str, Any], "eval_report"]:
+def evaluate(
+    base: QuantizedBase, adapter: Adapter, data: PreparedData, cfg: EvaluationConfig, backend: str
+) -> Annotated[dict[str, Any], "eval_report"]:
     model = resolve_backend(backend).load_for_inference(base.path, adapter.path)
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
     prompts = [json.loads(line) for line in (Path(data.path) / "eval_prompts.jsonl").read_text().splitlines()]
     report = evaluation.compare(model, tokenizer, load_from_disk(str(Path(data.path) / "eval")), prompts, cfg)
     report["tuned_beats_base"] = report["tuned_eval_loss"] < report["base_eval_loss"]
     scores = {k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_")) and k != "tuned_beats_base"}
-    record(metadata={**scores, "tuned_beats_base": report["tuned_beats_base"]},
-           params=section_params("evaluation", cfg), metrics=scores)
+    record(
+        metadata={**scores, "tuned_beats_base": report["tuned_beats_base"]},
+        params=section_params("evaluation", cfg),
+        metrics=scores,
+    )
     return report

@@ -14,6 +14,9 @@ from steps._record import record, section_params
 def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Adapter:
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     report = resolve_backend(backend).add_lora(base.path, cfg, out)
-    record(metadata=report, params=section_params("lora", cfg),
-           metrics={"trainable_params": report["trainable_params"], "total_params": report["total_params"]})
+    record(
+        metadata=report,
+        params=section_params("lora", cfg),
+        metrics={"trainable_params": report["trainable_params"], "total_params": report["total_params"]},
+    )
     return Adapter(out)

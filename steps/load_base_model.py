@@ -15,6 +15,8 @@ def load_base_model(cfg: ModelConfig) -> QuantizedBase:
     backend = resolve_backend(cfg.backend)
     out = tempfile.mkdtemp(prefix="llmtune-base-")
     report = backend.load_quantized(cfg, out)
-    record(metadata={"backend": backend.NAME, **report},
-           params={**section_params("model", cfg), "model.backend_used": backend.NAME})
+    record(
+        metadata={"backend": backend.NAME, **report},
+        params={**section_params("model", cfg), "model.backend_used": backend.NAME},
+    )
     return QuantizedBase(out)

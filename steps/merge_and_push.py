@@ -16,17 +16,32 @@ from steps._record import record, section_params
 
 
 @step(experiment_tracker=True)
-def merge_and_push(base: QuantizedBase, adapter: Adapter, data: PreparedData, eval_report: dict[str, Any],
-                   cfg: ExportConfig, resolved_config: str) -> tuple[
-                       Annotated[MergedModel, "merged_model"], Annotated[dict[str, Any], "export_report"]]:
+def merge_and_push(
+    base: QuantizedBase,
+    adapter: Adapter,
+    data: PreparedData,
+    eval_report: dict[str, Any],
+    cfg: ExportConfig,
+    resolved_config: str,
+) -> tuple[Annotated[MergedModel, "merged_model"], Annotated[dict[str, Any], "export_report"]]:
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
     prompts = [json.loads(line)["prompt"] for line in (Path(data.path) / "eval_prompts.jsonl").read_text().splitlines()]
     report = exporting.export(base.path, adapter.path, tokenizer, prompts, cfg, tempfile.mkdtemp(prefix="llmtune-"))
     if cfg.output_dir:
-        report.update(_write_local(Path(cfg.output_dir) / get_step_context().pipeline_run.name, adapter,
-                                   report["merged_dir"], tokenizer, resolved_config))
-    record(metadata={k: v for k, v in report.items() if k != "merged_dir"}, params=section_params("export", cfg),
-           metrics={"merge_check_max_logit_gap": report["merge_check_max_logit_gap"]})
+        report.update(
+            _write_local(
+                Path(cfg.output_dir) / get_step_context().pipeline_run.name,
+                adapter,
+                report["merged_dir"],
+                tokenizer,
+                resolved_config,
+            )
+        )
+    record(
+        metadata={k: v for k, v in report.items() if k != "merged_dir"},
+        params=section_params("export", cfg),
+        metrics={"merge_check_max_logit_gap": report["merge_check_max_logit_gap"]},
+    )
     if mlflow.active_run() is not None:
         mlflow.log_text(resolved_config, "config.yaml")
     return MergedModel(report["merged_dir"]), report

@@ -16,6 +16,9 @@ def prepare_dataset(cfg: DataConfig, tokenizer_source: str, trust_remote_code: b
     out = tempfile.mkdtemp(prefix="llmtune-data-")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     stats = data.prepare(cfg, tokenizer, out)
-    record(metadata=stats, params={**section_params("data", cfg), "data.fingerprint": stats["fingerprint"]},
-           metrics={"data_train_rows": stats["train_rows"], "data_eval_rows": stats["eval_rows"]})
+    record(
+        metadata=stats,
+        params={**section_params("data", cfg), "data.fingerprint": stats["fingerprint"]},
+        metrics={"data_train_rows": stats["train_rows"], "data_eval_rows": stats["eval_rows"]},
+    )
     return PreparedData(out)

@@ -39,11 +39,15 @@ def resolve_backend(name: str) -> ModuleType:
         return hf
     if name == "unsloth":
         if not cuda_available():
-            raise BackendUnavailable("model.backend=unsloth needs a CUDA GPU and none is visible. "
-                                     "Use --set model.backend=hf (runs on the CPU) or auto.")
+            raise BackendUnavailable(
+                "model.backend=unsloth needs a CUDA GPU and none is visible. "
+                "Use --set model.backend=hf (runs on the CPU) or auto."
+            )
         if not unsloth_installed():
-            raise BackendUnavailable("model.backend=unsloth needs the unsloth package: pip install -e '.[gpu]'. "
-                                     "Or use --set model.backend=hf.")
+            raise BackendUnavailable(
+                "model.backend=unsloth needs the unsloth package: pip install -e '.[gpu]'. "
+                "Or use --set model.backend=hf."
+            )
         from llmtune.backends import unsloth_backend
 
         return unsloth_backend

@@ -38,18 +38,27 @@ def bnb_config(cfg: ModelConfig) -> Any:
     """The bitsandbytes 4-bit config for a model section (NF4 + double quant by default)."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
-                              bnb_4bit_use_double_quant=cfg.double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
-                              bnb_4bit_quant_storage="uint8")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
+        bnb_4bit_quant_storage="uint8",
+    )
 
 
 def peft_config(cfg: LoraConfig) -> Any:
     """The PEFT LoRA config for a lora section."""
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                          target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        bias="none",
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -58,8 +67,13 @@ def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
 
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.name, quantization_config=bnb_config(cfg), device_map=device_map(), use_safetensors=True,
-        dtype=compute_dtype(cfg.compute_dtype), **common)
+        cfg.name,
+        quantization_config=bnb_config(cfg),
+        device_map=device_map(),
+        use_safetensors=True,
+        dtype=compute_dtype(cfg.compute_dtype),
+        **common,
+    )
     tokenizer = AutoTokenizer.from_pretrained(cfg.name, **common)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -73,9 +87,11 @@ def quantization_report(model: Any) -> dict[str, Any]:
 
     # A 4-bit weight is stored packed, two values per uint8 element.
     n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
-    return {"linear4bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
-            "footprint_bytes": int(model.get_memory_footprint()),
-            "bf16_bytes_estimate": int(2 * n_params)}
+    return {
+        "linear4bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
+        "footprint_bytes": int(model.get_memory_footprint()),
+        "bf16_bytes_estimate": int(2 * n_params),
+    }
 
 
 def load_base(base_dir: str | Path) -> Any:
@@ -93,9 +109,14 @@ def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict
     torch.manual_seed(cfg.seed)
     model = get_peft_model(load_base(base_dir), peft_config(cfg))
     model.save_pretrained(str(out_dir))
+    return lora_report(model)
+
+
+def lora_report(model: Any) -> dict[str, Any]:
+    """Trainable vs total parameters and the kinds of module that got an adapter (q_proj, ...)."""
     trainable, total = model.get_nb_trainable_parameters()
-    return {"trainable_params": int(trainable), "total_params": int(total),
-            "target_modules": sorted(model.peft_config["default"].target_modules)}
+    targets = {name.split(".")[-1] for name in model.peft_config["default"].target_modules}
+    return {"trainable_params": int(trainable), "total_params": int(total), "target_modules": sorted(targets)}
 
 
 def load_trainable(base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool) -> Any:

@@ -25,8 +25,9 @@ def import_unsloth_first() -> Any:
 
 def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
     fast = import_unsloth_first()
-    model, tokenizer = fast.from_pretrained(cfg.name, load_in_4bit=True, revision=cfg.revision,
-                                            trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = fast.from_pretrained(
+        cfg.name, load_in_4bit=True, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return hf.quantization_report(model)
@@ -35,27 +36,36 @@ def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
 def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict[str, Any]:
     model = _with_lora(base_dir, cfg)
     model.save_pretrained(str(out_dir))
-    trainable, total = model.get_nb_trainable_parameters()
-    return {"trainable_params": int(trainable), "total_params": int(total),
-            "target_modules": sorted(model.peft_config["default"].target_modules)}
+    return hf.lora_report(model)
 
 
 def _with_lora(base_dir: str | Path, cfg: LoraConfig) -> Any:
     fast = import_unsloth_first()
     model, _ = fast.from_pretrained(str(base_dir), load_in_4bit=True)
-    targets = cfg.target_modules if cfg.target_modules != "all-linear" else [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return fast.get_peft_model(model, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=targets, bias="none", random_state=cfg.seed,
-                               use_gradient_checkpointing="unsloth")
+    targets = (
+        cfg.target_modules
+        if cfg.target_modules != "all-linear"
+        else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    return fast.get_peft_model(
+        model,
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        random_state=cfg.seed,
+        use_gradient_checkpointing="unsloth",
+    )
 
 
 def load_trainable(base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool) -> Any:
     fast = import_unsloth_first()
     from peft import PeftModel
 
-    model, _ = fast.from_pretrained(str(base_dir), load_in_4bit=True,
-                                    use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+    model, _ = fast.from_pretrained(
+        str(base_dir), load_in_4bit=True, use_gradient_checkpointing="unsloth" if gradient_checkpointing else False
+    )
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
 
 

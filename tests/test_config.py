@@ -1,0 +1,114 @@
+"""Config loading, overrides and the CLI's clear errors (exit 2, no traceback, before any model loads)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmtune.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_overrides_are_typed_and_repeatable() -> None:
+    cfg = load_config(None, ["training.max_steps=5", "model.backend=hf", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.training.max_steps == 5
+    assert cfg.model.backend == "hf"
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_file_values_override_defaults_and_set_overrides_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  max_steps: 7\n  learning_rate: 0.01\n")
+    cfg = load_config(path, ["training.max_steps=9"])
+    assert (cfg.training.max_steps, cfg.training.learning_rate) == (9, 0.01)
+    assert cfg.lora.r == RunConfig().lora.r
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "must_mention"),
+    [
+        ("training:\n  max_stpes: 5\n", [], "training.max_stpes"),
+        ("", ["training.max_stpes=5"], "max_steps"),
+        ("", ["nosection.x=1"], "Allowed sections"),
+        ("", ["training.max_steps"], "section.key=value"),
+        ("training:\n  max_steps: -1\n", [], "training.max_steps"),
+        ("model:\n  backend: tpu\n", [], "model.backend"),
+        ("lora:\n  r: 1\n  alpha: 1000\n", [], "lora.alpha"),
+        ("[1, 2]\n", [], "mapping"),
+        ("training: {max_steps: [\n", [], "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, overrides: list[str], must_mention: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=re.escape(must_mention)):
+        load_config(path, overrides)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_flat_params_cover_every_section() -> None:
+    flat = RunConfig().flat()
+    assert {key.split(".")[0] for key in flat} == {"data", "model", "lora", "training", "evaluation", "export"}
+    assert flat["training.max_steps"] == RunConfig().training.max_steps
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "must_mention"),
+    [
+        (["--set", "training.max_stpes=5"], "training.max_stpes"),
+        (["--config", "does/not/exist.yaml"], "does/not/exist.yaml"),
+        (["--set", "data.source=missing/rows.jsonl"], "missing/rows.jsonl"),
+        (["--set", "model.name=/no/such/model/dir"], "/no/such/model/dir"),
+    ],
+)
+def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(args: list[str], must_mention: str) -> None:
+    result = run_cli("--pipeline", "finetune", *args)
+    assert result.returncode == 2, result.stderr
+    assert must_mention in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "must_mention"),
+    [
+        ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2: malformed JSON"),
+        ('{"instruction": "a"}\n', "row 1: missing field 'output'"),
+        ('{"instruction": "a", "output": 3}\n', "field 'output' must be a string"),
+    ],
+)
+def test_cli_rejects_bad_data_files(tmp_path: Path, content: str, must_mention: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(content)
+    result = run_cli("--set", f"data.source={path}", "--set", "model.name=/no/model/needed")
+    assert result.returncode == 2
+    assert must_mention in result.stderr and str(path) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_rejects_non_utf8_data(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes('{"instruction": "caf\u00e9", "output": "x"}\n'.encode("latin-1"))
+    result = run_cli("--set", f"data.source={path}")
+    assert result.returncode == 2 and "not UTF-8" in result.stderr
+
+
+def test_help_lists_options() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for option in ("--pipeline", "--config", "--set", "--no-cache"):
+        assert option in result.stdout

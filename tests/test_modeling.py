@@ -1,0 +1,124 @@
+"""The real QLoRA path on the tiny model: bitsandbytes 4-bit, PEFT LoRA, TRL training, 16-bit merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llmtune import export, training
+from llmtune.backends import hf, resolve_backend
+from llmtune.config import ExportConfig, LoraConfig, TrainingConfig
+
+
+def test_auto_backend_is_hf_without_cuda() -> None:
+    assert resolve_backend("auto").NAME == "hf"
+
+
+def test_base_loads_as_nf4_linear4bit_with_double_quant(quantized_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    model = hf.load_base(quantized_dir)
+    proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(proj, bnb.nn.Linear4bit)
+    assert proj.weight.quant_state.quant_type == "nf4"
+    assert proj.weight.quant_state.nested, "double quantization keeps a nested quant state"
+    assert hf.quantization_report(model)["linear4bit_layers"] == 2 * 7
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path, prepared_dir: Path) -> dict:
+    """Inject LoRA, train 40 steps with TRL, save; keep what the assertions need."""
+    work = tmp_path_factory.mktemp("train")
+    lora = hf.add_lora(quantized_dir, LoraConfig(), work / "adapter0")
+    model = hf.load_trainable(quantized_dir, work / "adapter0", gradient_checkpointing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_before = {n: b.detach().clone() for n, b in model.named_parameters() if "lora_" not in n}
+    packed_before = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    cfg = TrainingConfig(
+        max_steps=40,
+        learning_rate=3e-3,
+        per_device_train_batch_size=16,
+        logging_steps=1,
+        warmup_steps=0,
+        lr_scheduler_type="cosine",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
+    report = training.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, work / "t", 128)
+    model.save_pretrained(str(work / "adapter"))
+    return {
+        "model": model,
+        "before": before,
+        "base_before": base_before,
+        "packed_before": packed_before,
+        "report": report,
+        "lora": lora,
+        "adapter": work / "adapter",
+        "work": work,
+    }
+
+
+def test_only_adapter_parameters_are_trainable(trained: dict) -> None:
+    trainable = [n for n, p in trained["model"].named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert trained["lora"]["trainable_params"] == sum(
+        p.numel() for n, p in trained["model"].named_parameters() if p.requires_grad
+    )
+    assert set(trained["lora"]["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+
+
+def test_training_changes_adapter_and_not_base(trained: dict) -> None:
+    params = dict(trained["model"].named_parameters())
+    lora_b = [n for n in params if "lora_B" in n]
+    assert all(not torch.equal(params[n].float(), trained["before"][n].float()) for n in lora_b)
+    assert all(torch.equal(params[n], trained["base_before"][n]) for n in trained["base_before"])
+    packed = trained["model"].base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(packed, trained["packed_before"]), "4-bit base weights untouched"
+
+
+def test_loss_falls(trained: dict) -> None:
+    losses = [p["loss"] for p in trained["report"]["loss_history"]]
+    assert len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, losses
+
+
+def test_merged_model_matches_base_plus_adapter(trained: dict, quantized_dir: Path, prepared_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
+    prompts = [json.loads(x)["prompt"] for x in (prepared_dir / "eval_prompts.jsonl").read_text().splitlines()]
+    # Stated tolerance: float16 rounding of the merged weights moves these logits by under 0.05.
+    cfg = ExportConfig(dtype="float16", merge_check_atol=0.05)
+    result = export.export(quantized_dir, trained["adapter"], tokenizer, prompts, cfg, trained["work"] / "export")
+    assert result["merge_check_passed"] and result["merge_check_max_logit_gap"] <= 0.05
+    merged = AutoModelForCausalLM.from_pretrained(result["merged_dir"])  # plain transformers, no project code
+    assert merged.dtype == torch.float16
+    assert not any("Linear4bit" in type(m).__name__ for m in merged.modules())
+    reference = hf.load_for_inference(quantized_dir, trained["adapter"])
+    ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        gap = (merged.float()(**ids).logits - reference(**ids).logits).abs().max().item()
+    assert gap <= 0.05
+
+
+def test_merge_check_catches_a_model_without_the_adapter(
+    trained: dict, quantized_dir: Path, prepared_dir: Path
+) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
+    prompts = [json.loads(x)["prompt"] for x in (prepared_dir / "eval_prompts.jsonl").read_text().splitlines()][:4]
+    untrained = trained["work"] / "adapter0"  # zero LoRA B: merging it gives the base alone
+    base_only = export.merge_adapter(quantized_dir, untrained, trained["work"] / "base_only", "float16", tokenizer)
+    reference = hf.load_for_inference(quantized_dir, trained["adapter"])
+    result = export.check_merged(base_only, reference, tokenizer, prompts, atol=0.05)
+    assert not result["merge_check_passed"]

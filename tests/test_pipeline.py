@@ -1,0 +1,93 @@
+"""The whole `finetune` pipeline on an isolated ZenML store (see conftest), read back from ZenML and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_run_overrides
+
+pytestmark = pytest.mark.pipeline
+
+STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+
+
+def run(overrides: list[str]) -> int:
+    import run as cli
+
+    return cli.main(["--pipeline", "finetune", *(a for o in overrides for a in ("--set", o))])
+
+
+def last_run():  # type: ignore[no-untyped-def]
+    from zenml.client import Client
+
+    return Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
+
+
+def statuses(pipeline_run) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {name: step.status.value for name, step in pipeline_run.steps.items()}
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("outputs")
+    overrides = tiny_run_overrides(tiny_model_dir, rows_file, out)
+    assert run(overrides) == 0
+    return {"run": last_run(), "overrides": overrides, "out": out}
+
+
+def test_six_steps_complete_in_one_pipeline(first_run: dict) -> None:
+    pipeline_run = first_run["run"]
+    assert pipeline_run.pipeline.name == "finetune"
+    assert statuses(pipeline_run) == dict.fromkeys(STEPS, "completed")
+
+
+def test_metrics_params_and_artifacts_are_in_mlflow(first_run: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.stack import mlflow_tracking_uri
+    from pipelines.summary import mlflow_run_id
+
+    run_id = mlflow_run_id(first_run["run"].name)
+    assert run_id, "one MLflow run named after the ZenML run"
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri())
+    mlflow_run = client.get_run(run_id)
+    assert client.get_experiment(mlflow_run.info.experiment_id).name == "finetune"
+    curve = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in curve] == [2, 4, 6, 8]
+    metrics = mlflow_run.data.metrics
+    assert metrics["tuned_eval_loss"] < metrics["base_eval_loss"]
+    assert {"base_exact_match", "tuned_exact_match", "merge_check_max_logit_gap"} <= set(metrics)
+    assert mlflow_run.data.params["training.max_steps"] == "8"
+    assert mlflow_run.data.params["model.backend_used"] == "hf"
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"adapter", "config.yaml"} <= artifacts
+    assert "adapter_model.safetensors" in {Path(a.path).name for a in client.list_artifacts(run_id, "adapter")}
+
+
+def test_local_export_has_adapter_config_and_loadable_merged_model(first_run: dict) -> None:
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    dest = first_run["out"] / first_run["run"].name
+    assert "training:" in (dest / "adapter" / "llmtune_config.yaml").read_text()
+    assert PeftConfig.from_pretrained(dest / "adapter").r == 16
+    AutoModelForCausalLM.from_pretrained(dest / "merged")
+
+
+def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict) -> None:
+    assert run([*first_run["overrides"], "training.max_steps=6"]) == 0
+    got = statuses(last_run())
+    assert [got[s] for s in ("prepare_dataset", "load_base_model", "inject_lora")] == ["cached"] * 3
+    assert got["train_sft"] == "completed"
+
+
+def test_failed_run_leaves_cached_artifacts_usable(first_run: dict) -> None:
+    assert run([*first_run["overrides"], "training.optim=no_such_optimizer"]) == 1
+    failed = last_run()
+    assert failed.status.value == "failed" and statuses(failed)["train_sft"] == "failed"
+    assert run([*first_run["overrides"], "training.max_steps=4"]) == 0
+    got = statuses(last_run())
+    assert [got[s] for s in ("prepare_dataset", "load_base_model", "inject_lora")] == ["cached"] * 3
+    assert got["merge_and_push"] == "completed"
