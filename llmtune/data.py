@@ -215,6 +215,12 @@ def _write_eval_prompts(tokenizer: Any, rows: list[dict[str, Any]], path: Path) 
             f.write(json.dumps({"prompt": prompt, "reference": messages[1]["content"]}) + "\n")
 
 
+def read_eval_prompts(prepared_dir: str | Path) -> list[dict[str, str]]:
+    """The rendered eval prompts with their references, as written by `prepare`."""
+    lines = (Path(prepared_dir) / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def _stats(rows: list, encoded: list, dropped: Counter, n_train: int, n_eval: int) -> dict[str, Any]:
     lengths = sorted(len(ex["input_ids"]) for ex, _ in encoded)
     pct = {f"p{p}": lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99)}

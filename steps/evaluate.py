@@ -1,6 +1,5 @@
 """Step 5: score base (adapter off) and tuned (adapter on) on the same held-out rows."""
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +11,7 @@ from llmtune import evaluation
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
 from llmtune.backends import resolve_backend
 from llmtune.config import EvaluationConfig
+from llmtune.data import read_eval_prompts
 from steps._record import record, section_params
 
 
@@ -21,7 +21,7 @@ def evaluate(
 ) -> Annotated[dict[str, Any], "eval_report"]:
     model = resolve_backend(backend).load_for_inference(base.path, adapter.path)
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-    prompts = [json.loads(line) for line in (Path(data.path) / "eval_prompts.jsonl").read_text().splitlines()]
+    prompts = read_eval_prompts(data.path)
     report = evaluation.compare(model, tokenizer, load_from_disk(str(Path(data.path) / "eval")), prompts, cfg)
     report["tuned_beats_base"] = report["tuned_eval_loss"] < report["base_eval_loss"]
     scores = {k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_")) and k != "tuned_beats_base"}

@@ -1,6 +1,5 @@
 """Step 6: merge the adapter into a 16-bit model, verify it, and export adapter + merged model + config."""
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,6 +11,7 @@ from zenml import get_step_context, step
 from llmtune import export as exporting
 from llmtune.artifacts import Adapter, MergedModel, PreparedData, QuantizedBase
 from llmtune.config import ExportConfig
+from llmtune.data import read_eval_prompts
 from steps._record import record, section_params
 
 
@@ -25,7 +25,7 @@ def merge_and_push(
     resolved_config: str,
 ) -> tuple[Annotated[MergedModel, "merged_model"], Annotated[dict[str, Any], "export_report"]]:
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-    prompts = [json.loads(line)["prompt"] for line in (Path(data.path) / "eval_prompts.jsonl").read_text().splitlines()]
+    prompts = [p["prompt"] for p in read_eval_prompts(data.path)]
     report = exporting.export(base.path, adapter.path, tokenizer, prompts, cfg, tempfile.mkdtemp(prefix="llmtune-"))
     if cfg.output_dir:
         report.update(

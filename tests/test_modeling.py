@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmtune import export, training
 from llmtune.backends import hf, resolve_backend
 from llmtune.config import ExportConfig, LoraConfig, TrainingConfig
+from llmtune.data import read_eval_prompts
 
 
 def test_auto_backend_is_hf_without_cuda() -> None:
@@ -97,7 +97,7 @@ def test_loss_falls(trained: dict) -> None:
 
 def test_merged_model_matches_base_plus_adapter(trained: dict, quantized_dir: Path, prepared_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    prompts = [json.loads(x)["prompt"] for x in (prepared_dir / "eval_prompts.jsonl").read_text().splitlines()]
+    prompts = [p["prompt"] for p in read_eval_prompts(prepared_dir)]
     # Stated tolerance: float16 rounding of the merged weights moves these logits by under 0.05.
     cfg = ExportConfig(dtype="float16", merge_check_atol=0.05)
     result = export.export(quantized_dir, trained["adapter"], tokenizer, prompts, cfg, trained["work"] / "export")
@@ -116,7 +116,7 @@ def test_merge_check_catches_a_model_without_the_adapter(
     trained: dict, quantized_dir: Path, prepared_dir: Path
 ) -> None:
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    prompts = [json.loads(x)["prompt"] for x in (prepared_dir / "eval_prompts.jsonl").read_text().splitlines()][:4]
+    prompts = [p["prompt"] for p in read_eval_prompts(prepared_dir)][:4]
     untrained = trained["work"] / "adapter0"  # zero LoRA B: merging it gives the base alone
     base_only = export.merge_adapter(quantized_dir, untrained, trained["work"] / "base_only", "float16", tokenizer)
     reference = hf.load_for_inference(quantized_dir, trained["adapter"])
