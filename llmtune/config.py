@@ -124,12 +124,6 @@ class RunConfig(_Section):
             raise ValueError(f"lora.alpha={self.lora.alpha} is over 64 x lora.r; training would diverge")
         return self
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted key -> value, for MLflow params: `{"training.max_steps": 300, ...}`."""
-        return {
-            f"{section}.{key}": value for section, values in self.model_dump().items() for key, value in values.items()
-        }
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 

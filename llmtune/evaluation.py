@@ -22,7 +22,7 @@ def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> f
 
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = _pad_batch(dataset[start : start + batch_size], pad_token_id)
+        batch = _pad_batch(dataset[start : start + batch_size], pad_token_id, model.device)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
@@ -34,11 +34,10 @@ def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> f
     return total / max(count, 1)
 
 
-def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int) -> dict[str, Any]:
+def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int, device: Any) -> dict[str, Any]:
     import torch
 
     width = max(len(ids) for ids in columns["input_ids"])
-    device = _model_device_hint()
 
     def pad(rows: list[list[int]], value: int) -> Any:
         return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
@@ -46,12 +45,6 @@ def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int) -> dict[s
     input_ids = pad(columns["input_ids"], pad_token_id)
     mask = pad([[1] * len(r) for r in columns["input_ids"]], 0)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": pad(columns["labels"], -100)}
-
-
-def _model_device_hint() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -63,7 +56,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     for start in range(0, len(prompts), batch_size):
         batch = tokenizer(
             prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(_model_device_hint())
+        ).to(model.device)
         with torch.no_grad():
             out = model.generate(
                 **batch,

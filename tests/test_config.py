@@ -55,12 +55,6 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-def test_flat_params_cover_every_section() -> None:
-    flat = RunConfig().flat()
-    assert {key.split(".")[0] for key in flat} == {"data", "model", "lora", "training", "evaluation", "export"}
-    assert flat["training.max_steps"] == RunConfig().training.max_steps
-
-
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=120, cwd=ROOT
