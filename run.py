@@ -16,7 +16,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-PIPELINES = ("finetune",)
+# name -> what it does (shown in --help). Each lives in pipelines/<name>.py and exposes
+# `launch(cfg, enable_cache) -> int`, which runs it on the local stack and prints its summary.
+PIPELINES = {
+    "finetune": "all six steps: prepare, 4-bit load, LoRA, SFT, evaluate, merge/export",
+    "prepare": "only dataset preparation; prints rows kept, drops, token lengths and a marked example",
+}
 
 
 def quiet_network_env() -> None:
@@ -38,7 +43,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--pipeline", choices=PIPELINES, default="finetune", help="which pipeline to run")
+    parser.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="finetune",
+        help="which pipeline to run: " + "; ".join(f"{name} = {what}" for name, what in PIPELINES.items()),
+    )
     parser.add_argument(
         "--config",
         default=str(ROOT / "configs" / "finetune.yaml"),
@@ -66,29 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)  # relative paths in configs are relative to the project
     quiet_network_env()
     from llmtune.config import ConfigError, load_config
-    from llmtune.preflight import PreflightError, check_inputs
 
     try:
         cfg = load_config(args.config, args.overrides)
-        check_inputs(cfg)
-    except (ConfigError, PreflightError) as err:
+    except ConfigError as err:
         return fail(str(err))
-    return run_pipeline(cfg, enable_cache=not args.no_cache)
+    from llmtune.backends import import_unsloth_if_used
+
+    import_unsloth_if_used(cfg.model.backend)  # before anything imports transformers, peft or trl
+    from llmtune.preflight import PreflightError, check_inputs
+
+    try:
+        check_inputs(cfg)
+    except PreflightError as err:
+        return fail(str(err))
+    return run_pipeline(args.pipeline, cfg, enable_cache=not args.no_cache)
 
 
-def run_pipeline(cfg: object, enable_cache: bool) -> int:
-    from pipelines.finetune import finetune
+def run_pipeline(name: str, cfg: object, enable_cache: bool) -> int:
+    import importlib
+
     from pipelines.stack import use_local_stack
-    from pipelines.summary import print_summary
 
     use_local_stack()
     try:
-        run = finetune.with_options(enable_cache=enable_cache)(config=cfg.model_dump())  # type: ignore[attr-defined]
+        return int(importlib.import_module(f"pipelines.{name}").launch(cfg, enable_cache))
     except Exception as err:  # the step logs above carry the detail; end with one clear line
         print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
-    print_summary(run.id)
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEMO_MODEL_PATH = "assets/demo-base"
 DEMO_DATASET_PATH = "data/demo/instructions.jsonl"
+# Fields of our row formats that data.columns may rename (kept here so config has no data-layer import).
+MAPPABLE_COLUMNS = ("instruction", "input", "output", "system", "conversations", "messages", "text", "role", "content")
 
 
 class ConfigError(ValueError):
@@ -37,19 +39,51 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = Field(
         DEMO_DATASET_PATH,
-        description="Local JSONL/JSON file, or a Hugging Face Hub dataset id (e.g. yahma/alpaca-cleaned).",
+        description="A JSONL/JSON/CSV/Parquet file, a folder of them or from save_to_disk, or a Hub dataset id.",
     )
-    format: Literal["alpaca"] = Field("alpaca", description="Row format: alpaca = instruction/input/output.")
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
+        "auto",
+        description="alpaca = instruction/input/output; sharegpt = conversations of from/value; messages = "
+        "role/content turns; text = plain completion; auto = detect from the columns.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Your column names for ours, e.g. {instruction: question, output: answer}; keys: "
+        "instruction, input, output, system, conversations, messages, text, role, content.",
+    )
+    role_map: dict[str, str] = Field(
+        default_factory=dict, description="Extra role names mapped to system/user/assistant, e.g. {narrator: system}."
+    )
+    subset: str | None = Field(None, description="Hub dataset subset (configuration name).")
     split: str = Field("train", description="Split to read from a Hub dataset or a local dataset folder.")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit).")
-    chat_template: Literal["chatml"] | None = Field(
+    eval_split: str | None = Field(
+        None, description="Held-out split of the same source (e.g. test), or a file; null = eval_fraction of rows."
+    )
+    chat_template: Literal["chatml", "llama-3", "alpaca"] | None = Field(
         None, description="Named template for tokenizers without one; null uses the tokenizer's own."
     )
-    max_seq_length: int = Field(256, ge=8, le=131072, description="Longest example in tokens; longer ones are dropped.")
+    train_on_responses_only: bool = Field(True, description="Loss on assistant turns only (prompt tokens masked).")
+    max_seq_length: int = Field(256, ge=8, le=131072, description="Longest example in tokens.")
+    overlength: Literal["drop", "truncate"] = Field(
+        "drop", description="What to do with examples over max_seq_length (both are counted)."
+    )
+    dedupe: bool = Field(True, description="Drop exact duplicate examples.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of rows held out for evaluation.")
     max_rows: int | None = Field(None, ge=2, description="Use at most this many rows (a seeded subsample).")
-    train_on_responses_only: bool = Field(True, description="Mask prompt tokens so only responses carry loss.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise",
+        description="raise = stop at the first bad row; skip = skip bad rows, count them, report the first few.",
+    )
     seed: int = Field(42, description="Seed for the subsample and the train/eval split.")
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(MAPPABLE_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; map any of {', '.join(MAPPABLE_COLUMNS)} to your column names")
+        return value
 
 
 class ModelConfig(_Section):
@@ -87,6 +121,11 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_8bit on GPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (use on GPU for big models).")
+    packing: bool = Field(
+        False,
+        description="Pack examples into max_seq_length rows without padding; position ids keep packed "
+        "examples from attending to each other.",
+    )
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps (to MLflow too).")
     seed: int = Field(42)
 

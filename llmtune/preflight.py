@@ -28,20 +28,18 @@ def check_inputs(cfg: RunConfig, build_demo: bool = True) -> None:
 
 def _check_data(cfg: RunConfig) -> None:
     source = Path(cfg.data.source)
-    if not source.exists() and (source.suffix in {".json", ".jsonl"} or not data.looks_like_hub_id(cfg.data.source)):
+    if not source.exists() and not data.looks_like_hub_id(cfg.data.source):
         raise PreflightError(
-            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL/JSON "
-            f"file (relative to the project root) or a Hub dataset id like owner/name."
+            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL, JSON, CSV or "
+            f"Parquet file or a folder (relative to the project root), or a Hub dataset id like owner/name."
         )
-    if source.is_file():
+    if source.is_file():  # cheap to read and convert here; folders and Hub ids are read by the step
         try:
-            rows = data.load_rows(cfg.data)
-            for number, row in enumerate(rows, start=1):
-                data.to_messages(row, f"{source}, row {number}")
+            examples, _, _ = data.load_examples(cfg.data, data.ErrorLog(cfg.data.on_error))
         except data.DataError as err:
             raise PreflightError(f"data.source: {err}") from None
-        if not rows:
-            raise PreflightError(f"data.source: '{source}' has no rows.")
+        if not examples:
+            raise PreflightError(f"data.source: '{source}' has no usable rows.")
 
 
 def _check_model(cfg: RunConfig, build_demo: bool) -> None:

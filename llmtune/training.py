@@ -45,6 +45,10 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int) -> 
         seed=cfg.seed,
         data_seed=cfg.seed,
         max_length=max_length,
+        # Packing: best-fit-decreasing into rows of max_length, padding-free, with position_ids restarting
+        # at every example so attention stays within each example (TRL's "bfd" strategy).
+        packing=cfg.packing,
+        packing_strategy="bfd",
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         report_to="none",
@@ -124,7 +128,8 @@ def train(
     seconds = time.perf_counter() - started
     if not history.points:
         history.points.append({"step": cfg.max_steps, "loss": float(result.training_loss)})
-    tokens = int(sum(len(ids) for ids in train_dataset["input_ids"])) * _epochs_seen(trainer, train_dataset)
+    trained_on: Any = trainer.train_dataset  # after TRL's preparation: packed rows when packing is on
+    tokens = sum(len(ids) for ids in trained_on["input_ids"]) * _epochs_seen(trainer, trained_on)
     return {
         "loss_history": history.points,
         "final_loss": history.points[-1]["loss"],
@@ -132,6 +137,9 @@ def train(
         "train_seconds": round(seconds, 2),
         "steps": int(trainer.state.global_step),
         "approx_tokens_per_second": round(tokens / seconds, 1),
+        "packing": cfg.packing,
+        "train_rows": len(train_dataset),
+        "rows_after_packing": len(trained_on),
     }
 
 

@@ -20,3 +20,12 @@ def finetune(config: dict) -> None:
     adapter = train_sft(base, initial, data, cfg.training, backend=backend, max_seq_length=cfg.data.max_seq_length)
     report = evaluate(base, adapter, data, cfg.evaluation, backend=backend)
     merge_and_push(base, adapter, data, report, cfg.export, resolved_config=cfg.to_yaml())
+
+
+def launch(cfg: RunConfig, enable_cache: bool) -> int:
+    """Run `finetune` on the active stack and print the end-of-run summary; the CLI's entry point."""
+    from pipelines.summary import print_summary
+
+    run = finetune.with_options(enable_cache=enable_cache)(config=cfg.model_dump())
+    print_summary(run.id)
+    return 0

@@ -6,7 +6,7 @@ import os
 import tempfile
 from typing import Any, ClassVar
 
-from zenml.enums import ArtifactType
+from zenml.enums import ArtifactType, VisualizationType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
@@ -44,6 +44,11 @@ class _DirectoryIO:
 class DataDirMaterializer(_DirectoryIO, BaseMaterializer):
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (PreparedData,)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA
+
+    def save_visualizations(self, data: PreparedData) -> dict[str, VisualizationType]:
+        """The preparation report (counts, token-length histogram, a marked example) in the dashboard."""
+        report = os.path.join(self.uri, "report.html")
+        return {report: VisualizationType.HTML} if fileio.exists(report) else {}
 
 
 class ModelDirMaterializer(_DirectoryIO, BaseMaterializer):

@@ -1,13 +1,16 @@
-"""Step 1: read, template, tokenize, mask and split the instruction data."""
+"""Step 1: read, template, tokenize, mask and split the instruction data; report what was done."""
 
 import tempfile
+from pathlib import Path
 
+import mlflow
 from transformers import AutoTokenizer
 from zenml import step
 
 from llmtune import data
 from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig
+from llmtune.data import report
 from steps._record import record, section_params
 
 
@@ -17,8 +20,29 @@ def prepare_dataset(cfg: DataConfig, tokenizer_source: str, trust_remote_code: b
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     stats = data.prepare(cfg, tokenizer, out)
     record(
-        metadata=stats,
-        params={**section_params("data", cfg), "data.fingerprint": stats["fingerprint"]},
-        metrics={"data_train_rows": stats["train_rows"], "data_eval_rows": stats["eval_rows"]},
+        metadata={k: v for k, v in stats.items() if k not in ("example", "length_histogram")},
+        params={
+            **section_params("data", cfg),
+            "data.fingerprint": stats["fingerprint"],
+            "data.format": stats["format"],
+        },
+        metrics=_metrics(stats),
     )
+    if mlflow.active_run() is not None:
+        mlflow.log_artifact(str(Path(out) / "report.html"), artifact_path="data")
+        mlflow.log_artifact(str(Path(out) / "stats.json"), artifact_path="data")
+        mlflow.log_artifact(str(report.save_length_plot(stats, Path(out) / "token_lengths.png")), artifact_path="data")
     return PreparedData(out)
+
+
+def _metrics(stats: dict) -> dict[str, float]:
+    lengths = stats["token_length"]
+    return {
+        "data_rows_in": stats["rows_in"],
+        "data_rows_kept": stats["rows_kept"],
+        "data_train_rows": stats["train_rows"],
+        "data_eval_rows": stats["eval_rows"],
+        "data_trained_tokens": stats["trained_tokens"],
+        **{f"data_tokens_{k}": lengths[k] for k in ("p50", "p95", "max")},
+        **{f"data_dropped_{reason}": n for reason, n in stats["dropped"].items()},
+    }

@@ -81,7 +81,7 @@ def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(args: list[str], mus
     ("content", "must_mention"),
     [
         ('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": \n', "line 2: malformed JSON"),
-        ('{"instruction": "a"}\n', "row 1: missing field 'output'"),
+        ('{"instruction": "a"}\n', "line 1: missing field 'output'"),
         ('{"instruction": "a", "output": 3}\n', "field 'output' must be a string"),
     ],
 )

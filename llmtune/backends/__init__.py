@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import ModuleType
 
 
@@ -27,6 +28,22 @@ def cuda_available() -> bool:
 
 def unsloth_installed() -> bool:
     return importlib.util.find_spec("unsloth") is not None
+
+
+def import_unsloth_if_used(backend: str) -> bool:
+    """Import unsloth first when this process will use it, so its patches to transformers, peft and trl apply.
+
+    This is the one place that orders the imports; the CLI calls it before anything imports
+    transformers. Returns whether unsloth was imported. With backend 'hf' it is never imported,
+    so the hf path stays plain transformers + PEFT even where unsloth is installed.
+    """
+    if backend not in ("auto", "unsloth") or not unsloth_installed() or not cuda_available():
+        return False
+    # Unsloth otherwise fetches a README from the Hub on each model load to count environments.
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    import unsloth  # noqa: F401
+
+    return True
 
 
 def resolve_backend(name: str) -> ModuleType:

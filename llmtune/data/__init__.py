@@ -1,0 +1,55 @@
+"""Dataset preparation: read instruction data in the shape users have it, template, tokenize, mask, split.
+
+Modules, in the order data flows through them: `sources` (files, folders, Hub ids), `formats`
+(alpaca, sharegpt, messages, text -> `Example`), `templates` (chat templates, pad token), `encode`
+(tokens and loss labels), `prepare` (cleaning, length, split, the prepared folder) and `report`
+(what it did, as text, HTML and a plot).
+
+Example:
+    >>> from llmtune.config import DataConfig
+    >>> examples, fmt, rows = load_examples(DataConfig(max_rows=5), ErrorLog("raise"))
+    >>> fmt, rows > 5
+    ('alpaca', True)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llmtune.data.encode import Encoded, encode_examples
+from llmtune.data.errors import DataError, ErrorLog
+from llmtune.data.formats import Example, detect_format, to_example
+from llmtune.data.prepare import load_examples, prepare
+from llmtune.data.sources import looks_like_hub_id, read_records
+from llmtune.data.templates import CHATML_TEMPLATE, TEMPLATE_NAMES, configure_tokenizer
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "TEMPLATE_NAMES",
+    "DataError",
+    "Encoded",
+    "ErrorLog",
+    "Example",
+    "configure_tokenizer",
+    "detect_format",
+    "encode_examples",
+    "load_examples",
+    "looks_like_hub_id",
+    "prepare",
+    "read_eval_prompts",
+    "read_records",
+    "read_stats",
+    "to_example",
+]
+
+
+def read_eval_prompts(prepared_dir: str | Path) -> list[dict[str, str]]:
+    """The rendered eval prompts with their references, as written by `prepare`."""
+    lines = (Path(prepared_dir) / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def read_stats(prepared_dir: str | Path) -> dict:
+    """What `prepare` did (counts, lengths, fingerprint, a marked example), as written to stats.json."""
+    return dict(json.loads((Path(prepared_dir) / "stats.json").read_text(encoding="utf-8")))

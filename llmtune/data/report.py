@@ -1,0 +1,169 @@
+"""What preparation did, for people: length percentiles, a histogram, drop counts, a marked example.
+
+The same stats render three ways: rich text for the terminal (`python run.py --pipeline prepare`),
+self-contained HTML with an SVG histogram (the ZenML dashboard visualization and an MLflow artifact),
+and a PNG plot for MLflow.
+
+Example:
+    >>> length_summary([10, 20, 30, 40])
+    {'min': 10, 'p5': 10, 'p50': 30, 'p90': 40, 'p95': 40, 'p99': 40, 'max': 40, 'mean': 25.0}
+    >>> histogram([1, 2, 2, 9], bins=2)
+    {'edges': [1, 5, 9], 'counts': [3, 1]}
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+IGNORE = -100
+PERCENTILES = (5, 50, 90, 95, 99)
+
+
+def length_summary(lengths: Sequence[int]) -> dict[str, float]:
+    """Min, nearest-rank percentiles, max and mean of the token lengths."""
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    pct = {f"p{p}": ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] for p in PERCENTILES}
+    return {"min": ordered[0], **pct, "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def histogram(lengths: Sequence[int], bins: int = 20) -> dict[str, list[int]]:
+    """Equal-width bins over [min, max]: `edges` has bins+1 integers, `counts` has bins."""
+    if not lengths:
+        return {"edges": [], "counts": []}
+    low, high = min(lengths), max(lengths)
+    width = max(1, -(-(high - low) // bins))  # ceiling division, at least one token wide
+    edges = [low + i * width for i in range(bins + 1)]
+    counts = [0] * bins
+    for length in lengths:
+        counts[min(bins - 1, (length - low) // width)] += 1
+    while len(counts) > 1 and counts[-1] == 0:  # no empty bins past the longest example
+        counts.pop()
+        edges.pop()
+    return {"edges": edges, "counts": counts}
+
+
+def marked_segments(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[int]) -> list[list[Any]]:
+    """The example as [text, trained] runs: consecutive tokens with the same loss flag decoded together."""
+    segments: list[list[Any]] = []
+    start = 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+            segments.append([tokenizer.decode(list(input_ids[start:i])), labels[start] != IGNORE])
+            start = i
+    return segments
+
+
+def summary_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, value) pairs shared by the text and HTML reports."""
+    lengths = stats["token_length"]
+    rows = [
+        ("source", str(stats["source"])),
+        ("format", f"{stats['format']}" + (" (detected)" if stats["format_detected"] else "")),
+        ("chat template", str(stats["template"])),
+        ("rows in", str(stats["rows_in"])),
+        ("rows kept", str(stats["rows_kept"])),
+    ]
+    rows += [(f"dropped: {reason}", str(n)) for reason, n in stats["dropped"].items()]
+    if stats["truncated"]:
+        rows.append(("truncated to max_seq_length", str(stats["truncated"])))
+    rows += [
+        ("train / eval rows", f"{stats['train_rows']} / {stats['eval_rows']} (eval: {stats['eval_from']})"),
+        ("token length", "  ".join(f"{k} {v}" for k, v in lengths.items())),
+        ("trained tokens", f"{stats['trained_tokens']} of {stats['train_tokens']} train tokens"),
+        ("fingerprint", str(stats["fingerprint"])),
+    ]
+    return rows
+
+
+def print_report(stats: dict[str, Any], console: Any = None) -> None:
+    """Print the summary, the first bad rows, the histogram and one example with its trained tokens marked."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    table = Table(title="Dataset preparation", show_header=False)
+    for label, value in summary_rows(stats):
+        table.add_row(label, value)
+    console.print(table)
+    for message in stats.get("first_errors", []):
+        console.print(f"  skipped: {message}", style="yellow")
+    console.print(_text_histogram(stats["length_histogram"]))
+    example = Text()
+    for text, trained in stats["example"]:
+        example.append(text, style="bold black on green" if trained else "dim")
+    console.print("Example (tokens on green carry loss):")
+    console.print(example)
+
+
+def _text_histogram(hist: dict[str, list[int]], width: int = 40) -> str:
+    peak = max(hist["counts"], default=1) or 1
+    lines = ["Token lengths:"]
+    for low, high, count in zip(hist["edges"], hist["edges"][1:], hist["counts"], strict=False):
+        lines.append(f"  {low:>6}-{high - 1:<6} {'#' * round(width * count / peak):<{width}} {count}")
+    return "\n".join(lines)
+
+
+def to_html(stats: dict[str, Any]) -> str:
+    """A self-contained HTML page: counts table, SVG token-length histogram, the marked example."""
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary_rows(stats))
+    errors = "".join(f"<li>{html.escape(m)}</li>" for m in stats.get("first_errors", []))
+    example = "".join(
+        f'<span class="{"t" if trained else "p"}">{html.escape(text)}</span>' for text, trained in stats["example"]
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Dataset preparation</title><style>"
+        "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}th,td{padding:2px 8px;"
+        "text-align:left;border-bottom:1px solid #ddd}pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}"
+        ".t{background:#b7e4b7}.p{color:#777}</style></head><body>"
+        f"<h2>Dataset preparation</h2><table>{rows}</table>"
+        + (f"<h3>First skipped rows</h3><ul>{errors}</ul>" if errors else "")
+        + f"<h3>Token lengths</h3>{_svg_histogram(stats['length_histogram'])}"
+        + f"<h3>Example (green tokens carry loss)</h3><pre>{example}</pre></body></html>"
+    )
+
+
+def _svg_histogram(hist: dict[str, list[int]], width: int = 640, height: int = 220) -> str:
+    counts, edges = hist["counts"], hist["edges"]
+    if not counts:
+        return "<p>no rows</p>"
+    peak, bar = max(counts) or 1, (width - 60) / len(counts)
+    bars = []
+    for i, count in enumerate(counts):
+        h = (height - 50) * count / peak
+        x, y = 50 + i * bar, height - 30 - h
+        label = f"{edges[i]}-{edges[i + 1] - 1} tokens: {count} rows"
+        bars.append(
+            f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 2:.1f}" height="{h:.1f}" fill="#4c78a8">'
+            f"<title>{label}</title></rect>"
+        )
+    axis = (
+        f'<text x="50" y="{height - 10}" font-size="11">{edges[0]}</text>'
+        f'<text x="{width - 10}" y="{height - 10}" font-size="11" text-anchor="end">{edges[-1]} tokens</text>'
+        f'<text x="45" y="20" font-size="11" text-anchor="end">{peak}</text>'
+    )
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{"".join(bars)}{axis}</svg>'
+
+
+def save_length_plot(stats: dict[str, Any], path: str | Path) -> Path:
+    """The token-length histogram as a PNG (for MLflow, which shows images inline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    hist = stats["length_histogram"]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.stairs(hist["counts"], hist["edges"], fill=True)
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("rows")
+    ax.set_title(f"Token lengths (p50 {stats['token_length'].get('p50')}, max {stats['token_length'].get('max')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,129 @@
+"""Every source shape reads the same rows: JSONL, JSON, CSV, Parquet files, folders, save_to_disk, Hub layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from llmtune.data import DataError, ErrorLog, read_records
+
+ROWS = [
+    {"instruction": "Spell 7 as a word.", "input": "", "output": "seven"},
+    {"instruction": "Reverse the list.", "input": "a b c", "output": "c b a"},
+    {"instruction": "Count the words.", "input": "one two", "output": "2"},
+]
+
+
+def rows_of(source: Path | str, split: str = "train", subset: str | None = None) -> list[dict]:
+    return [r.row for r in read_records(str(source), split, ErrorLog("raise"), subset=subset)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_each_file_type_reads_the_same_rows(tmp_path: Path) -> None:
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    sources = [
+        write_jsonl(tmp_path / "rows.jsonl", ROWS),
+        tmp_path / "rows.json",
+        write_csv(tmp_path / "rows.csv", ROWS),
+        write_parquet(tmp_path / "rows.parquet", ROWS),
+    ]
+    for source in sources:
+        assert rows_of(source) == ROWS, source.suffix
+
+
+def test_folder_of_files_splits_by_file_name(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "folder" / "train.jsonl", ROWS[:2])
+    write_jsonl(tmp_path / "folder" / "test.jsonl", ROWS[2:])
+    assert rows_of(tmp_path / "folder", "train") == ROWS[:2]
+    assert rows_of(tmp_path / "folder", "test") == ROWS[2:]
+
+
+def test_save_to_disk_folder_with_splits(tmp_path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list(ROWS[:2]), "validation": Dataset.from_list(ROWS[2:])}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    assert rows_of(tmp_path / "saved", "validation") == ROWS[2:]
+    with pytest.raises(DataError, match="no split 'test' \\(it has train, validation\\)"):
+        rows_of(tmp_path / "saved", "test")
+
+
+def test_hub_layout_folder_with_subsets_goes_through_load_dataset(tmp_path: Path) -> None:
+    """The code path of a Hub id (datasets.load_dataset with subset and split) on a local repo-shaped folder."""
+    repo = tmp_path / "owner__dataset"
+    write_parquet(repo / "short" / "train-00000-of-00001.parquet", ROWS[:1])
+    write_parquet(repo / "long" / "train-00000-of-00001.parquet", ROWS[1:])
+    write_parquet(repo / "long" / "test-00000-of-00001.parquet", ROWS[:1])
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: short\n  data_files:\n  - split: train\n    path: short/train-*\n"
+        "- config_name: long\n  data_files:\n  - split: train\n    path: long/train-*\n"
+        "  - split: test\n    path: long/test-*\n---\n# A dataset card\n"
+    )
+    assert rows_of(repo, "train", subset="short") == ROWS[:1]
+    assert rows_of(repo, "train", subset="long") == ROWS[1:]
+    assert rows_of(repo, "test", subset="long") == ROWS[:1]
+
+
+def test_bad_line_in_a_folder_is_named_by_file_and_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "folder" / "train.jsonl", ROWS)
+    path.write_text(path.read_text() + '{"instruction": "x", "output": \n')
+    with pytest.raises(DataError, match=r"train.jsonl, line 4: malformed JSON"):
+        rows_of(tmp_path / "folder")
+    skipping = ErrorLog("skip")
+    assert [r.row for r in read_records(str(tmp_path / "folder"), "train", skipping)] == ROWS
+    assert skipping.count == 1
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b'{"instruction": "a", "output": "b"}\n{"instruction": "a",\n', r"rows.jsonl, line 2: malformed JSON"),
+        (b'{"instruction": "a", "output": "b"}\n["a list"]\n', r"rows.jsonl, line 2: expected a JSON object"),
+        (b'{"instruction": "caf\xe9", "output": "b"}\n', r"rows.jsonl, line 1: not UTF-8 text \(byte 0xe9"),
+    ],
+)
+def test_bad_jsonl_names_file_and_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    (tmp_path / "rows.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=expected):
+        rows_of(tmp_path / "rows.jsonl")
+
+
+def test_csv_with_a_short_row_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "rows.csv").write_text("instruction,output\na,b\nonly-one-cell\n")
+    with pytest.raises(DataError, match=r"rows.csv, line 3: fewer cells than the header"):
+        rows_of(tmp_path / "rows.csv")
+
+
+def test_missing_source_and_unsupported_type(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist and is not a Hub dataset id"):
+        rows_of(tmp_path / "nope.jsonl")
+    (tmp_path / "rows.xlsx").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"unsupported file type '\.xlsx'"):
+        rows_of(tmp_path / "rows.xlsx")
