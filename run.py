@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent
 # `launch(cfg, enable_cache) -> int`, which runs it on the local stack and prints its summary.
 PIPELINES = {
     "finetune": "all six steps: prepare, 4-bit load, LoRA, SFT, evaluate, merge/export",
+    "export": "merge, verify, export and publish the adapter of an earlier finetune run (no training)",
     "prepare": "only dataset preparation; prints rows kept, drops, token lengths and a marked example",
 }
 

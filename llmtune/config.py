@@ -145,8 +145,56 @@ class ExportConfig(_Section):
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the merged model.")
     merge_check_prompts: int = Field(8, ge=1, description="Eval prompts used to verify the merged model.")
     merge_check_atol: float = Field(
-        0.25, gt=0.0, description="Largest allowed |logit| gap between merged and base+adapter (16-bit rounding)."
+        0.25,
+        gt=0.0,
+        description="Largest allowed |logit| gap between the merged model and the 16-bit base + adapter "
+        "(the rounding of the merged weights to dtype); the adapter must also move the logits by more than this.",
     )
+    merge_check_max_new_tokens: int = Field(
+        16, ge=1, description="Greedy tokens per check prompt; merged and base+adapter must generate the same ones."
+    )
+    formats: list[Literal["adapter", "merged_16bit", "merged_4bit"]] = Field(
+        ["adapter", "merged_16bit"],
+        min_length=1,
+        description="What to export: the PEFT adapter, the adapter merged into the original 16-bit base, "
+        "and/or that merged model re-quantized to 4-bit.",
+    )
+    max_shard_size: str = Field(
+        "2GB", pattern=r"^\s*\d+(\.\d+)?\s*([KMG]?B)?\s*$", description="Largest safetensors shard of the merged model."
+    )
+    publish_format: Literal["adapter", "merged_16bit", "merged_4bit"] = Field(
+        "merged_16bit", description="Which exported folder goes to the Hub and the MLflow registry (one of formats)."
+    )
+    require_improvement: bool = Field(
+        True, description="Publish (Hub, MLflow registry) only when the tuned eval loss beats the base's."
+    )
+    hub_repo_id: str | None = Field(
+        None, description="Hugging Face Hub repo to push to (owner/name); null = no Hub push."
+    )
+    hub_private: bool = Field(True, description="Create the Hub repo as private.")
+    hub_token_secret: str | None = Field(
+        None,
+        description="ZenML secret whose 'token' value is the Hub token; null = the HF_TOKEN environment variable.",
+    )
+    hub_endpoint: str | None = Field(None, description="Hub URL (a mirror or private Hub); null = huggingface.co.")
+    mlflow_registered_model: str | None = Field(
+        None, description="MLflow Model Registry name to register a version under; null = no registration."
+    )
+    zenml_model: str | None = Field(
+        "llmtune", description="ZenML Model (Model Control Plane) that each run's artifacts join; null = none."
+    )
+    source_run: str | None = Field(
+        None, description="--pipeline export: the finetune run (name or id) to export; null = the latest completed."
+    )
+    source_model_version: int | str | None = Field(
+        None, description="--pipeline export: export the run behind this version of zenml_model (number, name, stage)."
+    )
+
+    @model_validator(mode="after")
+    def _publish_format_is_exported(self) -> ExportConfig:
+        if self.publish_format not in self.formats:
+            raise ValueError(f"export.publish_format={self.publish_format} is not in export.formats={self.formats}")
+        return self
 
 
 class RunConfig(_Section):

@@ -112,16 +112,25 @@ def _fused_lm_head_runs(tensor: Any) -> bool:
 
 
 def train(
-    model: Any, tokenizer: Any, train_dataset: Any, cfg: TrainingConfig, work_dir: str | Path, max_length: int
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    cfg: TrainingConfig,
+    work_dir: str | Path,
+    max_length: int,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict[str, Any]:
-    """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed."""
+    """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed.
+
+    `callbacks` ride along with the loss history (benchmarks use one to time steps).
+    """
     history = LossHistory()
     trainer = _PortableSFTTrainer(
         model=model,
         args=sft_config(cfg, work_dir, max_length),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[history],
+        callbacks=[history, *(callbacks or [])],
     )
     started = time.perf_counter()
     result = trainer.train()

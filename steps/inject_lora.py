@@ -12,11 +12,12 @@ from steps._record import record, section_params
 
 @step(experiment_tracker=True)
 def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Adapter:
+    chosen = resolve_backend(backend)
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
-    report = resolve_backend(backend).add_lora(base.path, cfg, out)
+    report = chosen.add_lora(base.path, cfg, out)
     record(
-        metadata=report,
-        params=section_params("lora", cfg),
+        metadata={"backend": chosen.NAME, **report},
+        params={**section_params("lora", cfg), "lora.backend_used": chosen.NAME},
         metrics={"trainable_params": report["trainable_params"], "total_params": report["total_params"]},
     )
     return Adapter(out)

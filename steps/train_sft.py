@@ -1,4 +1,8 @@
-"""Step 4: supervised fine-tuning of the adapter with TRL's SFTTrainer; the loss curve goes to MLflow."""
+"""Step 4: supervised fine-tuning of the adapter with TRL's SFTTrainer; the loss curve goes to MLflow.
+
+The backend that trained (hf or unsloth) and the peak GPU memory are recorded on the step and in MLflow.
+A GPU out-of-memory error ends the step with the settings to lower (see `llmtune.gpu.explain_oom`).
+"""
 
 import json
 import tempfile
@@ -9,7 +13,7 @@ from datasets import load_from_disk
 from transformers import AutoTokenizer
 from zenml import step
 
-from llmtune import training
+from llmtune import gpu, training
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
 from llmtune.backends import resolve_backend
 from llmtune.config import TrainingConfig
@@ -25,24 +29,37 @@ def train_sft(
     backend: str,
     max_seq_length: int,
 ) -> Adapter:
-    model = resolve_backend(backend).load_trainable(base.path, initial_adapter.path, cfg.gradient_checkpointing)
+    chosen = resolve_backend(backend)
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-    report = training.train(
-        model,
-        tokenizer,
-        load_from_disk(str(Path(data.path) / "train")),
-        cfg,
-        tempfile.mkdtemp(prefix="llmtune-train-"),
-        max_seq_length,
+    lora_r = json.loads((Path(initial_adapter.path) / "adapter_config.json").read_text())["r"]
+    memory = gpu.TrainingMemorySettings(
+        cfg.per_device_train_batch_size, max_seq_length, lora_r, cfg.gradient_checkpointing
     )
+    gpu.reset_peak_memory()
+    with gpu.explain_oom(memory):
+        model = chosen.load_trainable(
+            base.path, initial_adapter.path, cfg.gradient_checkpointing, max_seq_length=max_seq_length
+        )
+        report = training.train(
+            model,
+            tokenizer,
+            load_from_disk(str(Path(data.path) / "train")),
+            cfg,
+            tempfile.mkdtemp(prefix="llmtune-train-"),
+            max_seq_length,
+        )
+    report.update(backend=chosen.NAME, peak_gpu_memory_gib=round(gpu.peak_memory_gib(), 3))
     out = Path(tempfile.mkdtemp(prefix="llmtune-adapter-"))
     model.save_pretrained(str(out))
     (out / "training_report.json").write_text(json.dumps(report, indent=2))
-    summary = {k: v for k, v in report.items() if k != "loss_history"}
     record(
-        metadata=summary,
-        params=section_params("training", cfg),
-        metrics={"train_seconds": report["train_seconds"], "final_train_loss": report["final_loss"]},
+        metadata={k: v for k, v in report.items() if k != "loss_history"},
+        params={**section_params("training", cfg), "training.backend_used": chosen.NAME},
+        metrics={
+            "train_seconds": report["train_seconds"],
+            "final_train_loss": report["final_loss"],
+            "peak_gpu_memory_gib": report["peak_gpu_memory_gib"],
+        },
     )
     if mlflow.active_run() is not None:
         mlflow.log_artifacts(str(out), artifact_path="adapter")

@@ -7,12 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from llmtune import export, training
+from llmtune import training
 from llmtune.backends import hf, resolve_backend
-from llmtune.config import ExportConfig, LoraConfig, TrainingConfig
-from llmtune.data import read_eval_prompts
+from llmtune.config import LoraConfig, TrainingConfig
 
 
 def test_auto_backend_is_hf_without_cuda() -> None:
@@ -93,32 +92,3 @@ def test_loss_falls(trained: dict) -> None:
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.85 * first, losses
-
-
-def test_merged_model_matches_base_plus_adapter(trained: dict, quantized_dir: Path, prepared_dir: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    prompts = [p["prompt"] for p in read_eval_prompts(prepared_dir)]
-    # Stated tolerance: float16 rounding of the merged weights moves these logits by under 0.05.
-    cfg = ExportConfig(dtype="float16", merge_check_atol=0.05)
-    result = export.export(quantized_dir, trained["adapter"], tokenizer, prompts, cfg, trained["work"] / "export")
-    assert result["merge_check_passed"] and result["merge_check_max_logit_gap"] <= 0.05
-    merged = AutoModelForCausalLM.from_pretrained(result["merged_dir"])  # plain transformers, no project code
-    assert merged.dtype == torch.float16
-    assert not any("Linear4bit" in type(m).__name__ for m in merged.modules())
-    reference = hf.load_for_inference(quantized_dir, trained["adapter"])
-    ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False)
-    with torch.no_grad():
-        gap = (merged.float()(**ids).logits - reference(**ids).logits).abs().max().item()
-    assert gap <= 0.05
-
-
-def test_merge_check_catches_a_model_without_the_adapter(
-    trained: dict, quantized_dir: Path, prepared_dir: Path
-) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    prompts = [p["prompt"] for p in read_eval_prompts(prepared_dir)][:4]
-    untrained = trained["work"] / "adapter0"  # zero LoRA B: merging it gives the base alone
-    base_only = export.merge_adapter(quantized_dir, untrained, trained["work"] / "base_only", "float16", tokenizer)
-    reference = hf.load_for_inference(quantized_dir, trained["adapter"])
-    result = export.check_merged(base_only, reference, tokenizer, prompts, atol=0.05)
-    assert not result["merge_check_passed"]

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.pipeline
 STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
 
 
-def run(overrides: list[str]) -> int:
+def run(overrides: list[str], *flags: str) -> int:
     import run as cli
 
-    return cli.main(["--pipeline", "finetune", *(a for o in overrides for a in ("--set", o))])
+    return cli.main(["--pipeline", "finetune", *flags, *(a for o in overrides for a in ("--set", o))])
 
 
 def last_run():  # type: ignore[no-untyped-def]
@@ -33,7 +33,7 @@ def statuses(pipeline_run) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def first_run(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("outputs")
     overrides = tiny_run_overrides(tiny_model_dir, rows_file, out)
-    assert run(overrides) == 0
+    assert run(overrides, "--no-cache") == 0  # other test modules may have run this config already
     return {"run": last_run(), "overrides": overrides, "out": out}
 
 

@@ -119,8 +119,13 @@ def lora_report(model: Any) -> dict[str, Any]:
     return {"trainable_params": int(trainable), "total_params": int(total), "target_modules": sorted(targets)}
 
 
-def load_trainable(base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool) -> Any:
-    """4-bit base prepared for k-bit training + the adapter with only its weights trainable."""
+def load_trainable(
+    base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool, max_seq_length: int | None = None
+) -> Any:
+    """4-bit base prepared for k-bit training + the adapter with only its weights trainable.
+
+    `max_seq_length` is for backends that size buffers ahead (Unsloth); plain transformers needs none.
+    """
     from peft import PeftModel, prepare_model_for_kbit_training
 
     base = prepare_model_for_kbit_training(load_base(base_dir), use_gradient_checkpointing=gradient_checkpointing)

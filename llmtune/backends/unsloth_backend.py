@@ -1,12 +1,25 @@
-"""The Unsloth backend (CUDA only): FastLanguageModel 4-bit loading and its LoRA with its gradient checkpointing.
+"""The Unsloth backend (CUDA only): FastLanguageModel 4-bit loading, its LoRA, and its gradient checkpointing.
 
-Same four functions as `llmtune.backends.hf`. Unsloth must be imported before transformers, peft
-and trl in the process; `import_unsloth_first()` is the one place that does it. Throughput work and
-its GPU tests belong to the Unsloth issue; this module keeps the slot and the interface.
+Same four functions as `llmtune.backends.hf`, and the same artifacts: a bitsandbytes 4-bit checkpoint
+in save_pretrained format and a PEFT adapter folder, so either backend can read what the other wrote.
+Training itself is `llmtune.training.train`, whose TRL trainer is Unsloth's when unsloth was imported
+first; `llmtune.backends.import_unsloth_if_used` is the one place that orders that import.
+
+What makes it fast sits in `load_trainable`: the adapter goes onto the base through PEFT and is then
+handed to Unsloth's `patch_peft_model`, which swaps in its fused LoRA kernels (attention QKV/O and the
+MLP) and its offloaded gradient checkpointing, the same as `FastLanguageModel.get_peft_model` does
+for a fresh adapter.
+
+Example (the settings that need no GPU; loading needs CUDA):
+    >>> lora_kwargs(LoraConfig(r=8, alpha=16))["target_modules"]
+    ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+    >>> checkpointing_mode(True), checkpointing_mode(False)
+    ('unsloth', False)
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,59 +28,99 @@ from llmtune.config import LoraConfig, ModelConfig
 
 NAME = "unsloth"
 
+# What "all-linear" means for the decoder architectures Unsloth accelerates (the LM head stays frozen).
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Unsloth sizes its RoPE caches and masks from max_seq_length; asking for more than the model supports
+# would make it apply RoPE scaling, which changes the model. So we never ask for more than the config has.
+DEFAULT_MAX_SEQ_LENGTH = 2048
 
-def import_unsloth_first() -> Any:
-    import unsloth  # noqa: F401  (patches transformers/peft/trl on import)
+
+def fast_language_model() -> Any:
+    """Unsloth's FastLanguageModel; importing unsloth here is a no-op when the CLI already did it first."""
     from unsloth import FastLanguageModel
 
     return FastLanguageModel
 
 
-def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
-    fast = import_unsloth_first()
-    model, tokenizer = fast.from_pretrained(
-        cfg.name, load_in_4bit=True, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+def checkpointing_mode(enabled: bool) -> str | bool:
+    """training.gradient_checkpointing as Unsloth spells it: its offloaded checkpointing, or none."""
+    return "unsloth" if enabled else False
+
+
+def lora_kwargs(cfg: LoraConfig) -> dict[str, Any]:
+    """Arguments of `FastLanguageModel.get_peft_model` for a lora section."""
+    targets = ALL_LINEAR if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+    return {
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "random_state": cfg.seed,
+    }
+
+
+def native_max_length(model_dir: str | Path, wanted: int | None = None) -> int:
+    """The sequence length to give Unsloth: `wanted` (default 2048) capped at the model's position limit."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limit = int(config.get("max_position_embeddings") or DEFAULT_MAX_SEQ_LENGTH)
+    return min(wanted or DEFAULT_MAX_SEQ_LENGTH, limit)
+
+
+def _load(model_dir: str | Path, max_seq_length: int, gradient_checkpointing: str | bool, **extra: Any) -> Any:
+    model, _tokenizer = fast_language_model().from_pretrained(
+        str(model_dir),
+        max_seq_length=max_seq_length,
+        load_in_4bit=True,
+        use_gradient_checkpointing=gradient_checkpointing,
+        use_exact_model_name=True,  # a local folder or hub id as given, never remapped to another repo
+        **extra,
     )
+    return model
+
+
+def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load `cfg.name` in 4-bit through Unsloth and save the quantized checkpoint + tokenizer to `out_dir`."""
+    from transformers import AutoTokenizer
+
+    common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    model = _load(
+        cfg.name,
+        DEFAULT_MAX_SEQ_LENGTH,
+        False,
+        quantization_config=hf.bnb_config(cfg),  # the configured NF4/FP4 and double quant, not Unsloth's default
+        dtype=hf.compute_dtype(cfg.compute_dtype),
+        **common,
+    )
+    # The model's own tokenizer, untouched: Unsloth's loader may add tokens or change padding, and the
+    # data step tokenizes with the tokenizer of `cfg.name`.
+    tokenizer = AutoTokenizer.from_pretrained(cfg.name, **common)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return hf.quantization_report(model)
 
 
 def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict[str, Any]:
-    model = _with_lora(base_dir, cfg)
+    """Attach a fresh adapter with Unsloth's get_peft_model and save the adapter alone (PEFT format)."""
+    model = _load(base_dir, native_max_length(base_dir), False)
+    model = fast_language_model().get_peft_model(model, use_gradient_checkpointing=False, **lora_kwargs(cfg))
     model.save_pretrained(str(out_dir))
     return hf.lora_report(model)
 
 
-def _with_lora(base_dir: str | Path, cfg: LoraConfig) -> Any:
-    fast = import_unsloth_first()
-    model, _ = fast.from_pretrained(str(base_dir), load_in_4bit=True)
-    targets = (
-        cfg.target_modules
-        if cfg.target_modules != "all-linear"
-        else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    return fast.get_peft_model(
-        model,
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        bias="none",
-        random_state=cfg.seed,
-        use_gradient_checkpointing="unsloth",
-    )
-
-
-def load_trainable(base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool) -> Any:
-    fast = import_unsloth_first()
+def load_trainable(
+    base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool, max_seq_length: int | None = None
+) -> Any:
+    """4-bit base + the saved adapter, trainable, with Unsloth's fused LoRA kernels and gradient checkpointing."""
     from peft import PeftModel
 
-    model, _ = fast.from_pretrained(
-        str(base_dir), load_in_4bit=True, use_gradient_checkpointing="unsloth" if gradient_checkpointing else False
-    )
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    fast = fast_language_model()
+    mode = checkpointing_mode(gradient_checkpointing)
+    base = _load(base_dir, native_max_length(base_dir, max_seq_length), mode)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    return fast.patch_peft_model(model, use_gradient_checkpointing=mode)
 
 
 def load_for_inference(base_dir: str | Path, adapter_dir: str | Path) -> Any:
+    """Evaluation reads the same artifacts through plain transformers + PEFT, so base and tuned are scored alike."""
     return hf.load_for_inference(base_dir, adapter_dir)

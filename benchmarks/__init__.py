@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks (GPU); see benchmarks/README.md."""

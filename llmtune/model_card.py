@@ -1,0 +1,188 @@
+"""The model card (README.md) written into every exported folder: what the model is, how it was made and
+measured, and how to load it with plain transformers or PEFT.
+
+It is rendered only from the facts below (config, reports, run ids), never from the environment, so
+no token can reach it; `scrub_secrets` also removes anything shaped like a Hub token as a last guard.
+
+Example:
+    >>> facts = CardFacts(kind="adapter", base_model="org/base", base_revision=None, repo_id="me/tuned",
+    ...     dataset="data/rows.jsonl", dataset_fingerprint="ab12", resolved_config="lora:\\n  r: 16\\n",
+    ...     eval_report={"base_eval_loss": 2.0, "tuned_eval_loss": 1.0}, training_report={"train_seconds": 60.0},
+    ...     hardware="CPU x2", merge_check={"merge_check_passed": True}, trail={"zenml_run": "finetune-1"})
+    >>> card = render_model_card(facts)
+    >>> "AutoPeftModelForCausalLM" in card, "ab12" in card, "| eval_loss | 2 | 1 |" in card
+    (True, True, True)
+    >>> scrub_secrets("token hf_abcdefghijklmnopqrstuvwxyz12 here")
+    'token [redacted] here'
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+METRICS = ("eval_loss", "perplexity", "exact_match")
+KIND_TITLES = {
+    "adapter": "LoRA adapter (PEFT)",
+    "merged_16bit": "merged 16-bit model",
+    "merged_4bit": "merged model, 4-bit (bitsandbytes)",
+}
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    kind: str  # adapter, merged_16bit or merged_4bit
+    base_model: str
+    base_revision: str | None
+    repo_id: str | None  # where it is published, for the loading snippet; None = a local folder
+    dataset: str
+    dataset_fingerprint: str
+    resolved_config: str
+    eval_report: dict[str, Any]
+    training_report: dict[str, Any]
+    hardware: str
+    merge_check: dict[str, Any]
+    trail: dict[str, str] = field(default_factory=dict)  # zenml_run, zenml_run_id, mlflow_run_id, ...
+
+
+def render_model_card(facts: CardFacts) -> str:
+    """The README.md text for one exported folder."""
+    sections = [
+        _front_matter(facts),
+        f"# {facts.repo_id or 'Fine-tuned model'}: {KIND_TITLES[facts.kind]}\n",
+        _summary(facts),
+        _metrics(facts.eval_report),
+        _training(facts),
+        _merge_check(facts.merge_check),
+        _how_to_load(facts),
+        _trail(facts.trail),
+        "## Resolved config\n\n```yaml\n" + facts.resolved_config.rstrip() + "\n```\n",
+    ]
+    return scrub_secrets("\n".join(sections))
+
+
+def scrub_secrets(text: str) -> str:
+    """Replace anything shaped like a Hugging Face token."""
+    return HUB_TOKEN.sub("[redacted]", text)
+
+
+def describe_hardware() -> str:
+    """The accelerator (CUDA device name) or the CPU of this machine, with the torch version."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def _front_matter(facts: CardFacts) -> str:
+    meta: dict[str, Any] = {
+        "base_model": facts.base_model,
+        "library_name": "peft" if facts.kind == "adapter" else "transformers",
+        "tags": ["llmtune", "qlora", "lora", "sft"],
+    }
+    if "/" in facts.dataset and not facts.dataset.endswith((".json", ".jsonl")):
+        meta["datasets"] = [facts.dataset]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def _summary(facts: CardFacts) -> str:
+    revision = f" (revision `{facts.base_revision}`)" if facts.base_revision else ""
+    merged = {
+        "adapter": "a LoRA adapter for the base model",
+        "merged_16bit": "the adapter merged into the original 16-bit base weights",
+        "merged_4bit": "the adapter merged into the 16-bit base, then quantized to 4-bit NF4",
+    }[facts.kind]
+    return (
+        f"This is {merged}, trained with QLoRA (a 4-bit NF4 base, LoRA adapter trained with TRL's SFTTrainer) "
+        f"by llmtune.\n\n"
+        f"- Base model: `{facts.base_model}`{revision}\n"
+        f"- Dataset: `{facts.dataset}`, fingerprint `{facts.dataset_fingerprint}` (hash of the rows used)\n"
+    )
+
+
+def _metrics(report: dict[str, Any]) -> str:
+    rows = [
+        f"| {m} | {report[f'base_{m}']:.4g} | {report[f'tuned_{m}']:.4g} |"
+        for m in METRICS
+        if f"base_{m}" in report and f"tuned_{m}" in report
+    ]
+    if not rows:
+        return "## Evaluation\n\nNo evaluation report was recorded.\n"
+    held_out = f" on {report['eval_rows']} held-out rows" if "eval_rows" in report else ""
+    return (
+        f"## Evaluation\n\nBase (adapter off) against tuned (adapter on), both on the 4-bit base{held_out}:\n\n"
+        "| metric | base | tuned |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _training(facts: CardFacts) -> str:
+    report = facts.training_report
+    items = [
+        ("Training time", f"{report['train_seconds']:.0f} s" if "train_seconds" in report else None),
+        ("Optimizer steps", report.get("steps")),
+        (
+            "Throughput",
+            f"{report['approx_tokens_per_second']} tokens/s" if "approx_tokens_per_second" in report else None,
+        ),
+        ("Final training loss", report.get("final_loss")),
+        ("Hardware", facts.hardware),
+    ]
+    return "## Training\n\n" + "".join(f"- {name}: {value}\n" for name, value in items if value is not None)
+
+
+def _merge_check(check: dict[str, Any]) -> str:
+    if not check:
+        return ""
+    lines = [
+        f"- {key.removeprefix('merge_check_')}: {value}" for key, value in check.items() if not isinstance(value, list)
+    ]
+    return (
+        "## Merge check\n\nThe merged model was compared with the 16-bit base + adapter (logits and greedy answers) "
+        "before export; `vs_trained_nf4_*` compare it with the 4-bit base + adapter that was trained and evaluated "
+        "(the gap is the base's quantization error).\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def _how_to_load(facts: CardFacts) -> str:
+    where = facts.repo_id or "path/to/this/folder"
+    if facts.kind == "adapter":
+        code = (
+            "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")  # loads {facts.base_model} + adapter\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n'
+            "model = model.merge_and_unload()  # optional: a plain transformers model\n"
+        )
+    else:
+        extra = "  # needs bitsandbytes" if facts.kind == "merged_4bit" else ""
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{where}"){extra}\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{where}")\n'
+        )
+    code += (
+        '\nmessages = [{"role": "user", "content": "Spell out the digits: 4 2"}]\n'
+        "inputs = tokenizer.apply_chat_template(\n"
+        "    messages, add_generation_prompt=True, return_tensors='pt', return_dict=True\n"
+        ")\n"
+        "answer = model.generate(**inputs, max_new_tokens=32, do_sample=False)\n"
+        "print(tokenizer.decode(answer[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))\n"
+    )
+    return (
+        "## How to load\n\nThe tokenizer in this folder carries the chat template used in training; "
+        "prompt with `apply_chat_template`.\n\n```python\n" + code + "```\n"
+    )
+
+
+def _trail(trail: dict[str, str]) -> str:
+    if not trail:
+        return ""
+    return "## Provenance\n\n" + "".join(f"- {key}: `{value}`\n" for key, value in trail.items() if value) + "\n"

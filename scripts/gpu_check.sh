@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call, on a machine with a CUDA GPU: the `gpu` test tier (Unsloth 4-bit load of the
+# Llama-3.2-1B shape, LoRA, 40 training steps, adapter save/reload, OOM message, the finetune pipeline with ZenML
+# and MLflow), then the throughput benchmark (hf vs unsloth vs plain-Unsloth reference on the 1B shape).
+#
+#   scripts/gpu_check.sh            # tests + 1B benchmark
+#   scripts/gpu_check.sh full       # also the 8B shape (batch 2) and padded vs packed on the length mix
+#   scripts/gpu_check.sh bench      # benchmarks only
+#
+# Results (logs, JUnit XML, one JSON per benchmark) go to $OUT (default: outputs/gpu-check). If a ./.whl folder
+# of wheels is present (the offline GPU machine, see ../shared/gpu/README.md), they are unpacked first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-quick}"
+OUT="${OUT:-outputs/gpu-check}"
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -c "import glob,zipfile;[zipfile.ZipFile(f).extractall('/tmp/site') for f in sorted(glob.glob('.whl/*'))]"
+  export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 ZENML_ANALYTICS_OPT_IN=false UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+status=0
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+if [ "$mode" != "bench" ]; then
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" \
+    -W ignore::DeprecationWarning --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
+  status=$((status | ${PIPESTATUS[0]}))
+fi
+bench() {  # name, then benchmark arguments
+  local name="$1"; shift
+  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/train_throughput.py "$@" --json "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  local rc=$?
+  sed -n '/^bf16 matmul/p;/^llama-/,$p' "$OUT/$name.log" | grep -v '^RESULT'
+  return $rc
+}
+bench bench-1b --shape llama-3.2-1b --runs hf,unsloth,reference || status=1
+if [ "$mode" = "full" ]; then
+  bench bench-8b --shape llama-3.1-8b --runs unsloth --batch 2 --steps 10 --warmup 3 || status=1
+  bench bench-packing --shape llama-3.2-1b --runs unsloth-padded,unsloth-packed --data length-mix || status=1
+fi
+exit "$status"

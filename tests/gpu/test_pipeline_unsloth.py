@@ -1,0 +1,54 @@
+"""The whole `finetune` pipeline once on the GPU with the unsloth backend, on an isolated ZenML store with MLflow,
+on the random-init Llama-3.2-1B shape; read back through the ZenML client and MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_run_overrides
+
+pytestmark = [pytest.mark.gpu, pytest.mark.pipeline]
+
+STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+
+
+@pytest.fixture(scope="module")
+def unsloth_run(llama_1b_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from zenml.client import Client
+
+    import run as cli
+
+    overrides = [
+        *tiny_run_overrides(llama_1b_dir, rows_file, tmp_path_factory.mktemp("outputs"), max_steps=30),
+        "model.backend=unsloth",  # later --set wins over the hf of the CPU overrides
+        "training.learning_rate=0.001",
+        "training.logging_steps=5",
+        "training.gradient_checkpointing=true",
+    ]
+    assert cli.main(["--pipeline", "finetune", *(a for o in overrides for a in ("--set", o))]) == 0
+    return Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
+
+
+def test_six_steps_complete_with_unsloth(unsloth_run) -> None:  # type: ignore[no-untyped-def]
+    assert {name: step.status.value for name, step in unsloth_run.steps.items()} == dict.fromkeys(STEPS, "completed")
+    for name in ("load_base_model", "inject_lora", "train_sft"):
+        assert unsloth_run.steps[name].run_metadata["backend"] == "unsloth", name
+    assert unsloth_run.steps["train_sft"].run_metadata["peak_gpu_memory_gib"] > 0
+
+
+def test_backend_and_training_are_in_mlflow(unsloth_run) -> None:  # type: ignore[no-untyped-def]
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.stack import mlflow_tracking_uri
+    from pipelines.summary import mlflow_run_id
+
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri())
+    run_id = mlflow_run_id(unsloth_run.name)
+    params, metrics = client.get_run(run_id).data.params, client.get_run(run_id).data.metrics
+    assert [params[k] for k in ("model.backend_used", "lora.backend_used", "training.backend_used")] == ["unsloth"] * 3
+    curve = [m.value for m in client.get_metric_history(run_id, "train_loss")]
+    assert len(curve) == 6 and curve[-1] < curve[0], curve
+    assert metrics["tuned_eval_loss"] < metrics["base_eval_loss"]
+    assert metrics["peak_gpu_memory_gib"] > 0
