@@ -127,6 +127,14 @@ class TrainingConfig(_Section):
         "examples from attending to each other.",
     )
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps (to MLflow too).")
+    save_steps: int = Field(
+        50, ge=0, description="Checkpoint every N steps; a killed or retried run resumes from the last one. 0 = off."
+    )
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Where checkpoints live; null = under the stack's artifact store when it is local. On cloud "
+        "stacks set a path every retry can reach (e.g. a mounted bucket or volume).",
+    )
     seed: int = Field(42)
 
 
@@ -135,6 +143,43 @@ class EvaluationConfig(_Section):
     num_generation_prompts: int = Field(64, ge=0, description="Eval prompts answered by greedy generation.")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer.")
     batch_size: int = Field(16, ge=1, description="Batch size for eval loss and generation.")
+    metrics: list[Literal["exact_match", "rouge_l", "chrf", "bleu"]] = Field(
+        ["exact_match", "rouge_l", "chrf", "bleu"],
+        description="Scores of the greedy answers against the references, each 0-1 (chrF and BLEU: sacrebleu / 100).",
+    )
+    judge_url: str | None = Field(
+        None, description="OpenAI-compatible API base URL (e.g. http://localhost:8000/v1) for LLM-as-judge; null = off."
+    )
+    judge_model: str | None = Field(None, description="Model name sent to the judge endpoint (needed with judge_url).")
+    judge_rubric: str = Field(
+        "You grade answers to instructions. Compare the answer with the reference answer for correctness and "
+        "completeness. Reply with one line 'Score: N', N an integer from 0 (wrong) to 10 (as good as the reference).",
+        description="System message for the judge; it must ask for a reply containing 'Score: N'.",
+    )
+    judge_prompt: str = Field(
+        "Instruction:\n{prompt}\n\nReference answer:\n{reference}\n\nAnswer to grade:\n{answer}",
+        description="User message for the judge, with the placeholders {prompt}, {reference} and {answer}.",
+    )
+    judge_max_score: int = Field(10, ge=1, description="Top of the judge's scale; scores are divided by it (0-1).")
+    judge_api_key_env: str = Field(
+        "LLMTUNE_JUDGE_API_KEY", description="Environment variable holding the judge API key (unset = no key sent)."
+    )
+    judge_api_key_secret: str | None = Field(
+        None, description="ZenML secret whose 'api_key' value is the judge key; used instead of judge_api_key_env."
+    )
+    judge_timeout_s: float = Field(60.0, gt=0.0, description="Timeout of one judge request in seconds.")
+
+    @model_validator(mode="after")
+    def _judge_is_complete(self) -> EvaluationConfig:
+        if self.judge_url and not self.judge_model:
+            raise ValueError("evaluation.judge_url is set but evaluation.judge_model is not; name the judge model")
+        try:
+            self.judge_prompt.format(prompt="", reference="", answer="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"evaluation.judge_prompt may only use the placeholders {{prompt}}, {{reference}}, {{answer}} ({err})"
+            ) from None
+        return self
 
 
 class ExportConfig(_Section):

@@ -1,19 +1,34 @@
-"""Base vs tuned on the same held-out rows: token-mean loss on response tokens, and exact match of greedy answers.
+"""Base vs tuned on the same held-out rows: loss and perplexity on response tokens, and generation metrics.
 
 The base is the tuned model with its adapter switched off, so both see the same 4-bit weights,
-the same template (from the prepared data's tokenizer) and the same masking.
+the same template (from the prepared data's tokenizer) and the same masking. Answers are greedy,
+batched with left padding and the KV cache, prompts sorted by length so a batch pads little. The
+metrics chosen in `evaluation.metrics` (see `llmtune.metrics`) score each answer; exact match is
+always reported. The result is an `EvalReport`: a dict of metrics plus `samples`, one row per
+generation prompt (prompt, reference, base and tuned answer, per-sample scores).
 
 Example:
-    >>> exact_match(["four two", "fox"], ["four two ", "owl"])
-    0.5
+    >>> report = EvalReport(samples=[{"prompt": "2+2?", "reference": "4", "base": "5", "tuned": "4"}])
+    >>> sample_columns(report)["tuned"]
+    ['4']
+    >>> "<td>2+2?</td>" in samples_html(report)
+    True
 """
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Any
 
+from llmtune import metrics as metric_lib
 from llmtune.config import EvaluationConfig
+
+SAMPLE_TEXT_COLUMNS = ("prompt", "reference", "base", "tuned")
+
+
+class EvalReport(dict[str, Any]):
+    """The evaluate step's output: a plain dict (metrics, `samples`), typed so ZenML can show its samples table."""
 
 
 def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> float:
@@ -47,59 +62,130 @@ def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int, device: A
     return {"input_ids": input_ids, "attention_mask": mask, "labels": pad(columns["labels"], -100)}
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding, stopping at EOS."""
+def generate_answers(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, use_cache: bool = True
+) -> list[str]:
+    """Greedy answers in the order of `prompts`: batched with left padding and the KV cache, stopping at EOS."""
+    tokenizer.padding_side = "left"  # new tokens then start at the same column for every row of a batch
+    order = length_order(tokenizer, prompts)
+    answers: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch_answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, use_cache)
+        answers.update(zip(indices, batch_answers, strict=True))
+    return [answers[i] for i in range(len(prompts))]
+
+
+def length_order(tokenizer: Any, prompts: list[str]) -> list[int]:
+    """Prompt indices, longest first, so each batch holds prompts of similar length (less padding)."""
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]] if prompts else []
+    return sorted(range(len(prompts)), key=lambda i: -lengths[i])
+
+
+def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, use_cache: bool) -> list[str]:
     import torch
 
-    tokenizer.padding_side = "left"
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(
-            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(model.device)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        new_tokens = out[:, batch["input_ids"].shape[1] :]
-        answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    new_tokens = out[:, batch["input_ids"].shape[1] :]
+    return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after trimming whitespace."""
-    if not references:
-        return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / len(references)
+    """Share of predictions equal to their reference after trimming whitespace.
+
+    >>> exact_match(["four two", "fox"], ["four two ", "owl"])
+    0.5
+    """
+    return metric_lib.corpus_scores(predictions, references, ["exact_match"])["exact_match"]
 
 
 def compare(
     model: Any, tokenizer: Any, eval_dataset: Any, eval_prompts: list[dict[str, str]], cfg: EvaluationConfig
-) -> dict[str, Any]:
-    """Metrics for base (adapter off) and tuned (adapter on), plus a few side-by-side samples."""
+) -> EvalReport:
+    """Metrics for base (adapter off) and tuned (adapter on), and the samples table."""
     rows = eval_dataset.select(range(min(len(eval_dataset), cfg.max_eval_rows or len(eval_dataset))))
     prompts = eval_prompts[: cfg.num_generation_prompts]
-    results: dict[str, Any] = {}
+    texts, references = [p["prompt"] for p in prompts], [p["reference"] for p in prompts]
+    chosen = report_metrics(cfg)
+    report = EvalReport()
     outputs: dict[str, list[str]] = {}
     for name in ("base", "tuned"):
         with _adapter(model, enabled=name == "tuned"):
             loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
-            outputs[name] = generate_answers(
-                model, tokenizer, [p["prompt"] for p in prompts], cfg.max_new_tokens, cfg.batch_size
-            )
-        results[f"{name}_eval_loss"] = round(loss, 4)
-        results[f"{name}_perplexity"] = round(math.exp(min(loss, 50.0)), 3)
-        results[f"{name}_exact_match"] = exact_match(outputs[name], [p["reference"] for p in prompts])
-    results["eval_rows"], results["generation_prompts"] = len(rows), len(prompts)
-    results["samples"] = [
-        {"reference": p["reference"], "base": b, "tuned": t}
-        for p, b, t in zip(prompts[:8], outputs["base"], outputs["tuned"], strict=False)
-    ]
-    return results
+            outputs[name] = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size)
+        report[f"{name}_eval_loss"] = round(loss, 4)
+        report[f"{name}_perplexity"] = round(math.exp(min(loss, 50.0)), 3)
+        for metric, value in metric_lib.corpus_scores(outputs[name], references, chosen).items():
+            report[f"{name}_{metric}"] = value
+    report["eval_rows"], report["generation_prompts"] = len(rows), len(prompts)
+    report["metrics"] = chosen
+    report["samples"] = build_samples(texts, references, outputs["base"], outputs["tuned"], chosen)
+    return report
+
+
+def report_metrics(cfg: EvaluationConfig) -> list[str]:
+    """The configured generation metrics, exact match always first (the run summary and model card show it)."""
+    return ["exact_match", *(m for m in cfg.metrics if m != "exact_match")]
+
+
+def build_samples(
+    prompts: list[str], references: list[str], base: list[str], tuned: list[str], metrics: list[str]
+) -> list[dict[str, Any]]:
+    """One row per prompt: the texts side by side, then base_<metric> and tuned_<metric> per sample.
+
+    >>> row = build_samples(["q"], ["a b"], ["a"], ["a b"], ["exact_match"])[0]
+    >>> row["base"], row["base_exact_match"], row["tuned_exact_match"]
+    ('a', 0.0, 1.0)
+    """
+    samples = []
+    for prompt, reference, base_answer, tuned_answer in zip(prompts, references, base, tuned, strict=True):
+        row: dict[str, Any] = {"prompt": prompt, "reference": reference, "base": base_answer, "tuned": tuned_answer}
+        for name, answer in (("base", base_answer), ("tuned", tuned_answer)):
+            row.update({f"{name}_{k}": v for k, v in metric_lib.sample_scores(answer, reference, metrics).items()})
+        samples.append(row)
+    return samples
+
+
+def sample_columns(report: dict[str, Any]) -> dict[str, list[Any]]:
+    """The samples as columns (for `mlflow.log_table`); every row has the same keys."""
+    samples = report.get("samples") or []
+    keys = list(samples[0]) if samples else list(SAMPLE_TEXT_COLUMNS)
+    return {key: [row.get(key) for row in samples] for key in keys}
+
+
+def samples_html(report: dict[str, Any]) -> str:
+    """A self-contained HTML page: the metrics of base and tuned, then the samples table."""
+    columns = sample_columns(report)
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(columns[k][i])}</td>" for k in columns) + "</tr>"
+        for i in range(len(next(iter(columns.values()), [])))
+    )
+    summary = "".join(
+        f"<tr><td>{html.escape(k.removeprefix('base_'))}</td><td>{_cell(v)}</td>"
+        f"<td>{_cell(report.get('tuned_' + k.removeprefix('base_')))}</td></tr>"
+        for k, v in report.items()
+        if k.startswith("base_")
+    )
+    return (
+        "<html><head><meta charset='utf-8'><style>table{border-collapse:collapse;font:13px sans-serif}"
+        "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;white-space:pre-wrap}</style></head><body>"
+        f"<h3>Base vs tuned</h3><table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{summary}</table>"
+        f"<h3>Samples</h3><table><tr>{head}</tr>{body}</table></body></html>"
+    )
+
+
+def _cell(value: Any) -> str:
+    return html.escape(f"{value:.4g}" if isinstance(value, float) else str(value))
 
 
 def _adapter(model: Any, enabled: bool) -> Any:

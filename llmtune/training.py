@@ -24,8 +24,11 @@ class TrainingError(RuntimeError):
     """Training could not produce a usable adapter; the message says why and what to change."""
 
 
-def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int) -> SFTConfig:
-    """TRL's SFTConfig for a training section. Reporting is ours (see `LossHistory`), not the Trainer's."""
+def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, checkpoints: bool = False) -> SFTConfig:
+    """TRL's SFTConfig for a training section. Reporting is ours (see `LossHistory`), not the Trainer's.
+
+    With `checkpoints`, the Trainer saves every `save_steps` into `output_dir` (the last two kept).
+    """
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -52,7 +55,9 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int) -> 
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         report_to="none",
-        save_strategy="no",
+        save_strategy="steps" if checkpoints and cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
         eval_strategy="no",
         dataloader_num_workers=0,
         disable_tqdm=False,
@@ -119,21 +124,26 @@ def train(
     work_dir: str | Path,
     max_length: int,
     callbacks: list[TrainerCallback] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed.
 
-    `callbacks` ride along with the loss history (benchmarks use one to time steps).
+    `callbacks` ride along with the loss history (benchmarks use one to time steps). With a
+    `checkpoint_dir`, checkpoints are saved there every `cfg.save_steps`, and training resumes from
+    the last one found there (model, optimizer, scheduler, RNG and data position), so a killed run
+    loses at most one checkpoint interval.
     """
     history = LossHistory()
+    resume_from = last_checkpoint(checkpoint_dir) if checkpoint_dir else None
     trainer = _PortableSFTTrainer(
         model=model,
-        args=sft_config(cfg, work_dir, max_length),
+        args=sft_config(cfg, checkpoint_dir or work_dir, max_length, checkpoints=checkpoint_dir is not None),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=[history, *(callbacks or [])],
     )
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     if not history.points:
         history.points.append({"step": cfg.max_steps, "loss": float(result.training_loss)})
@@ -146,10 +156,32 @@ def train(
         "train_seconds": round(seconds, 2),
         "steps": int(trainer.state.global_step),
         "approx_tokens_per_second": round(tokens / seconds, 1),
+        "resumed_from_step": _step_of(resume_from),
         "packing": cfg.packing,
         "train_rows": len(train_dataset),
         "rows_after_packing": len(trained_on),
     }
+
+
+def last_checkpoint(checkpoint_dir: str | Path) -> str | None:
+    """The newest complete `checkpoint-<step>` folder in `checkpoint_dir`, or None.
+
+    The Trainer writes trainer_state.json last, so a folder without it was cut off mid-save (a kill
+    during saving) and is passed over.
+
+    >>> import tempfile; root = Path(tempfile.mkdtemp())
+    >>> for step, done in ((5, True), (10, True), (15, False)):
+    ...     (root / f"checkpoint-{step}").mkdir()
+    ...     _ = (root / f"checkpoint-{step}" / "trainer_state.json").write_text("{}") if done else None
+    >>> Path(last_checkpoint(root)).name
+    'checkpoint-10'
+    """
+    complete = [p for p in Path(checkpoint_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=_step_of)) if complete else None
+
+
+def _step_of(checkpoint: str | Path | None) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
 
 
 def _epochs_seen(trainer: Any, dataset: Any) -> float:

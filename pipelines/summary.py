@@ -88,6 +88,7 @@ def _metrics_table(report: dict[str, Any]) -> Table:
     )
     for column in ("metric", "base", "tuned"):
         table.add_column(column)
-    for metric in ("eval_loss", "perplexity", "exact_match"):
+    judge = ["judge_score"] if "base_judge_score" in report else []
+    for metric in ("eval_loss", "perplexity", *report.get("metrics", ["exact_match"]), *judge):
         table.add_row(metric, f"{report[f'base_{metric}']:.4g}", f"{report[f'tuned_{metric}']:.4g}")
     return table

@@ -1,33 +1,55 @@
-"""Step 5: score base (adapter off) and tuned (adapter on) on the same held-out rows."""
+"""Step 5: score base (adapter off) and tuned (adapter on) on the same held-out rows; log the samples table."""
 
 from pathlib import Path
 from typing import Annotated, Any
 
+import mlflow
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 from zenml import step
 
-from llmtune import evaluation
+from llmtune import evaluation, judge
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
 from llmtune.backends import resolve_backend
 from llmtune.config import EvaluationConfig
 from llmtune.data import read_eval_prompts
+from llmtune.evaluation import EvalReport
 from steps._record import record, section_params
 
 
 @step(experiment_tracker=True)
 def evaluate(
     base: QuantizedBase, adapter: Adapter, data: PreparedData, cfg: EvaluationConfig, backend: str
-) -> Annotated[dict[str, Any], "eval_report"]:
+) -> Annotated[EvalReport, "eval_report"]:
     model = resolve_backend(backend).load_for_inference(base.path, adapter.path)
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
     prompts = read_eval_prompts(data.path)
     report = evaluation.compare(model, tokenizer, load_from_disk(str(Path(data.path) / "eval")), prompts, cfg)
+    judge_client = judge.judge_from_config(cfg, api_key=_judge_key_from_secret(cfg))
+    if judge_client:
+        judge.add_judge_scores(report, judge_client)
     report["tuned_beats_base"] = report["tuned_eval_loss"] < report["base_eval_loss"]
-    scores = {k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_")) and k != "tuned_beats_base"}
+    scores = {k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_")) and _is_number(v)}
     record(
         metadata={**scores, "tuned_beats_base": report["tuned_beats_base"]},
         params=section_params("evaluation", cfg),
         metrics=scores,
     )
+    if mlflow.active_run() is not None:
+        # The table view in the MLflow UI reads a logged table; the HTML is the same page as the ZenML visualization.
+        mlflow.log_table(evaluation.sample_columns(report), artifact_file="eval_samples.json")
+        mlflow.log_text(evaluation.samples_html(report), "eval_samples.html")
     return report
+
+
+def _judge_key_from_secret(cfg: EvaluationConfig) -> str | None:
+    """The judge key from the configured ZenML secret; None lets the library read the environment variable."""
+    if not (cfg.judge_url and cfg.judge_api_key_secret):
+        return None
+    from zenml.client import Client
+
+    return Client().get_secret(cfg.judge_api_key_secret).secret_values.get("api_key")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

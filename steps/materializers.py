@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any, ClassVar
@@ -11,6 +12,7 @@ from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
 from llmtune.artifacts import Adapter, ArtifactDir, MergedModel, PreparedData, QuantizedBase
+from llmtune.evaluation import EvalReport, samples_html
 
 
 class _DirectoryIO:
@@ -54,3 +56,27 @@ class DataDirMaterializer(_DirectoryIO, BaseMaterializer):
 class ModelDirMaterializer(_DirectoryIO, BaseMaterializer):
     ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (QuantizedBase, Adapter, MergedModel)
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.MODEL
+
+
+class EvalReportMaterializer(BaseMaterializer):
+    """The evaluate step's report as JSON, with its samples table (base vs tuned answers) as the visualization."""
+
+    ASSOCIATED_TYPES: ClassVar[tuple[type[Any], ...]] = (EvalReport,)
+    ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
+
+    def load(self, data_type: type[Any]) -> EvalReport:
+        with fileio.open(os.path.join(self.uri, "report.json"), "r") as f:
+            return EvalReport(json.loads(f.read()))
+
+    def save(self, data: EvalReport) -> None:
+        with fileio.open(os.path.join(self.uri, "report.json"), "w") as f:
+            f.write(json.dumps(data, indent=1))
+
+    def save_visualizations(self, data: EvalReport) -> dict[str, VisualizationType]:
+        page = os.path.join(self.uri, "samples.html")
+        with fileio.open(page, "w") as f:
+            f.write(samples_html(data))
+        return {page: VisualizationType.HTML}
+
+    def extract_metadata(self, data: EvalReport) -> dict[str, Any]:
+        return {"samples": len(data.get("samples", []))}

@@ -4,7 +4,10 @@ The backend that trained (hf or unsloth) and the peak GPU memory are recorded on
 A GPU out-of-memory error ends the step with the settings to lower (see `llmtune.gpu.explain_oom`).
 """
 
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import mlflow
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 from zenml import step
+from zenml.client import Client
 
 from llmtune import gpu, training
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
@@ -40,6 +44,7 @@ def train_sft(
         model = chosen.load_trainable(
             base.path, initial_adapter.path, cfg.gradient_checkpointing, max_seq_length=max_seq_length
         )
+        checkpoints = checkpoint_dir(cfg, base.path, initial_adapter.path, data.path, backend, max_seq_length)
         report = training.train(
             model,
             tokenizer,
@@ -47,6 +52,7 @@ def train_sft(
             cfg,
             tempfile.mkdtemp(prefix="llmtune-train-"),
             max_seq_length,
+            checkpoint_dir=checkpoints,
         )
     report.update(backend=chosen.NAME, peak_gpu_memory_gib=round(gpu.peak_memory_gib(), 3))
     out = Path(tempfile.mkdtemp(prefix="llmtune-adapter-"))
@@ -63,4 +69,18 @@ def train_sft(
     )
     if mlflow.active_run() is not None:
         mlflow.log_artifacts(str(out), artifact_path="adapter")
+    if checkpoints:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is stored now; checkpoints are only for resuming
     return Adapter(str(out))
+
+
+def checkpoint_dir(cfg: TrainingConfig, *inputs: object) -> str | None:
+    """Where this training's checkpoints go: the same folder for the same inputs and config, so a retry or
+    re-run of a killed step (its upstream steps cached) finds them and resumes."""
+    if not cfg.save_steps:
+        return None
+    root = cfg.checkpoint_dir or os.path.join(Client().active_stack.artifact_store.path, "llmtune-checkpoints")
+    if "://" in root:  # a remote artifact store: the Trainer writes to local disk, so resume works on this host
+        root = os.path.join(Path.home(), ".cache", "llmtune", "checkpoints")
+    key = json.dumps([*map(str, inputs), cfg.model_dump()], sort_keys=True)
+    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:16])
