@@ -91,7 +91,9 @@ def launch(cfg: RunConfig, enable_cache: bool) -> int:
     # the export joins the earlier run's ZenML Model version, so that version lists both
     known = source.model_version
     model = Model(name=known.model.name, version=known.number) if known is not None else None
-    run = export.with_options(enable_cache=enable_cache, model=model)(
+    from pipelines.stack import run_options
+
+    run = export.with_options(enable_cache=enable_cache, model=model, **run_options())(
         source_run_id=str(source.id), export_config=cfg.export.model_dump()
     )
     print_summary(run.id)

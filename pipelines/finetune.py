@@ -9,6 +9,7 @@ the run's artifacts and the merge check and publishing results are attached to i
 from zenml import Model, pipeline
 
 from llmtune.config import ExportConfig, RunConfig
+from llmtune.data import source_fingerprint
 from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepare_dataset, train_sft
 
 
@@ -16,7 +17,12 @@ from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepar
 def finetune(config: dict) -> None:
     cfg = RunConfig.model_validate(config)
     backend = cfg.model.backend
-    data = prepare_dataset(cfg.data, tokenizer_source=cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    data = prepare_dataset(
+        cfg.data,
+        tokenizer_source=cfg.model.name,
+        trust_remote_code=cfg.model.trust_remote_code,
+        source_fingerprint=source_fingerprint(cfg.data.source),
+    )
     base = load_base_model(cfg.model)
     initial = inject_lora(base, cfg.lora, backend=backend)
     adapter = train_sft(base, initial, data, cfg.training, backend=backend, max_seq_length=cfg.data.max_seq_length)
@@ -39,8 +45,11 @@ def zenml_model(cfg: RunConfig, version: str | int | None = None) -> Model | Non
 
 def launch(cfg: RunConfig, enable_cache: bool) -> int:
     """Run `finetune` on the active stack and print the end-of-run summary; the CLI's entry point."""
+    from pipelines.stack import run_options
     from pipelines.summary import print_summary
 
-    run = finetune.with_options(enable_cache=enable_cache, model=zenml_model(cfg))(config=cfg.model_dump())
+    # run_options: a cloud recipe's run config (Docker image, GPU only for the steps that need one)
+    options = {"enable_cache": enable_cache, "model": zenml_model(cfg), **run_options()}
+    run = finetune.with_options(**options)(config=cfg.model_dump())
     print_summary(run.id)
     return 0

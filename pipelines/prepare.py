@@ -7,14 +7,19 @@ from zenml import pipeline
 from zenml.client import Client
 
 from llmtune.config import RunConfig
-from llmtune.data import read_stats, report
+from llmtune.data import read_stats, report, source_fingerprint
 from steps import prepare_dataset
 
 
 @pipeline(name="prepare")
 def prepare(config: dict) -> None:
     cfg = RunConfig.model_validate(config)
-    prepare_dataset(cfg.data, tokenizer_source=cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    prepare_dataset(
+        cfg.data,
+        tokenizer_source=cfg.model.name,
+        trust_remote_code=cfg.model.trust_remote_code,
+        source_fingerprint=source_fingerprint(cfg.data.source),
+    )
 
 
 def launch(cfg: RunConfig, enable_cache: bool) -> int:

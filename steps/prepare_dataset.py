@@ -15,12 +15,18 @@ from steps._record import record, section_params
 
 
 @step(experiment_tracker=True)
-def prepare_dataset(cfg: DataConfig, tokenizer_source: str, trust_remote_code: bool = False) -> PreparedData:
+def prepare_dataset(
+    cfg: DataConfig, tokenizer_source: str, trust_remote_code: bool = False, source_fingerprint: str = ""
+) -> PreparedData:
+    """`source_fingerprint` (a hash of the local data's bytes) is only here to key the step cache on content."""
     out = tempfile.mkdtemp(prefix="llmtune-data-")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     stats = data.prepare(cfg, tokenizer, out)
     record(
-        metadata={k: v for k, v in stats.items() if k not in ("example", "length_histogram")},
+        metadata={
+            **{k: v for k, v in stats.items() if k not in ("example", "length_histogram")},
+            "source_fingerprint": source_fingerprint,
+        },
         params={
             **section_params("data", cfg),
             "data.fingerprint": stats["fingerprint"],

@@ -21,7 +21,7 @@ from llmtune.data.encode import Encoded, encode_examples
 from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example, detect_format, to_example
 from llmtune.data.prepare import load_examples, prepare
-from llmtune.data.sources import looks_like_hub_id, read_records
+from llmtune.data.sources import looks_like_hub_id, read_records, source_fingerprint
 from llmtune.data.templates import CHATML_TEMPLATE, TEMPLATE_NAMES, configure_tokenizer
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "read_eval_prompts",
     "read_records",
     "read_stats",
+    "source_fingerprint",
     "to_example",
 ]
 

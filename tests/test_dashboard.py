@@ -1,0 +1,211 @@
+"""The ZenML dashboard in a real headless Chromium: start a local ZenML server (`zenml login --local`), run the
+pipeline against it with the tiny model, open the run's page, and find the run, its six steps and the
+prepared dataset.
+
+Needs the Debian packages `chromium` and `chromium-driver` and the `selenium` package (CI installs them: see
+.ci/run and the Makefile). Without them the module is skipped, unless LLMTUNE_REQUIRE_TOOLS is set (CI),
+where that is a failure. The server and the pipeline run use their own ZenML config directory, so this
+session's other tests keep their store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import tiny_run_overrides
+
+pytestmark = pytest.mark.pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+PAGE_TIMEOUT = 90  # seconds: the dashboard is a single-page app that loads data after the page; CI has 2 cores
+
+
+def require_browser() -> None:
+    missing = [name for name, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not found]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium (pip)")
+    if not missing:
+        return
+    message = f"missing {', '.join(missing)}: apt-get install chromium chromium-driver; pip install selenium"
+    if os.environ.get("LLMTUNE_REQUIRE_TOOLS"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def zenml_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    zenml = str(Path(sys.executable).with_name("zenml"))
+    return subprocess.run([zenml, *args], env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def api(url: str, method: str = "GET", body: dict[str, Any] | None = None) -> Any:
+    """The local server's REST API; a local server has no authentication."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    require_browser()
+    env = {k: v for k, v in os.environ.items() if k != "ZENML_ACTIVE_STACK_ID"}
+    env.update(ZENML_CONFIG_PATH=str(tmp_path_factory.mktemp("zenml-server")), ZENML_AUTO_OPEN_DASHBOARD="false")
+    port = free_port()
+    started = zenml_cli(env, "login", "--local", "--port", str(port))
+    assert started.returncode == 0, started.stdout + started.stderr
+    url = f"http://127.0.0.1:{port}"
+    # A fresh server shows an onboarding survey first; answer it as a user would have, through the API.
+    api(
+        f"{url}/api/v1/current-user",
+        "PUT",
+        {"email_opted_in": False, "user_metadata": {"finished_onboarding_survey": True}},
+    )
+    try:
+        yield {"url": url, "env": env}
+    finally:
+        zenml_cli(env, "logout", "--local")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(server: dict[str, Any], tiny_model_dir: Path, rows_file: Path, tmp_path_factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    overrides = tiny_run_overrides(tiny_model_dir, rows_file, tmp_path_factory.mktemp("out"), max_steps=4)
+    args = [sys.executable, "run.py", "--pipeline", "finetune", *(a for o in overrides for a in ("--set", o))]
+    result = subprocess.run(args, cwd=ROOT, env=server["env"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = api(f"{server['url']}/api/v1/runs?sort_by=desc:created&size=1")["items"]
+    assert runs and runs[0]["body"]["status"] == "completed"
+    return {"id": runs[0]["id"], "name": runs[0]["name"]}
+
+
+@pytest.fixture(scope="module")
+def browser(server: dict[str, Any]) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def run_page(browser: Any, server: dict[str, Any], pipeline_run: dict[str, Any]) -> Any:
+    """The run's page in the dashboard, once its DAG has rendered."""
+    browser.get(f"{server['url']}/projects/default/runs/{pipeline_run['id']}")
+    wait_for_text(browser, [pipeline_run["name"], *STEPS])
+    return browser
+
+
+def wait_for_text(driver: Any, texts: list[str], within: Any = None) -> str:
+    """Wait until every text is on the page (or in `within`); return the text seen."""
+    from selenium.webdriver.common.by import By
+
+    deadline, seen = time.monotonic() + PAGE_TIMEOUT, ""
+    while time.monotonic() < deadline:
+        seen = (within or driver.find_element(By.TAG_NAME, "body")).text
+        if all(text in seen for text in texts):
+            return seen
+        time.sleep(1)
+    missing = [text for text in texts if text not in seen]
+    raise AssertionError(f"not shown after {PAGE_TIMEOUT}s: {missing}\n--- page text ---\n{seen[:3000]}")
+
+
+def click_text(driver: Any, text: str, within: Any = None) -> None:
+    from selenium.webdriver.common.by import By
+
+    (within or driver).find_element(By.XPATH, f".//*[normalize-space(text())='{text}']").click()
+
+
+def open_panel(driver: Any) -> Any:
+    """The details panel (a dialog) that the dashboard opens beside the DAG."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + PAGE_TIMEOUT
+    while time.monotonic() < deadline:
+        panels = driver.find_elements(By.CSS_SELECTOR, "[role=dialog]")
+        if panels:
+            return panels[-1]
+        time.sleep(0.5)
+    raise AssertionError("no details panel opened")
+
+
+def test_run_page_shows_the_run_and_its_six_steps(run_page: Any, pipeline_run: dict[str, Any]) -> None:
+    text = wait_for_text(run_page, ["Completed", "Total Steps"])
+    assert pipeline_run["name"] in text
+    assert all(step in text for step in STEPS)
+    assert "finetune" in text
+
+
+def test_run_overview_counts_six_completed_steps(run_page: Any) -> None:
+    text = wait_for_text(run_page, ["Total Steps"])
+    counts = text.split("Total Steps", 1)[1].split()
+    assert counts[:3] == ["6", "Completed", "6"], counts[:6]
+
+
+def test_dataset_artifact_opens_with_its_producer_and_metadata(run_page: Any) -> None:
+    click_text(run_page, "PreparedData")
+    panel = open_panel(run_page)
+    overview = wait_for_text(run_page, ["Producer Step", "prepare_dataset", "DataDirMaterializer"], within=panel)
+    assert "finetune::prepare_dataset::output" in overview
+    click_text(run_page, "Metadata", within=panel)
+    metadata = wait_for_text(run_page, ["files", "size_bytes"], within=panel)
+    size = int(metadata.split("size_bytes", 1)[1].split()[0])
+    assert size > 1000, "the prepared dataset (train/eval splits + tokenizer) is not empty"
+
+
+def step_metadata(server: dict[str, Any], run_id: str, step: str) -> dict[str, Any]:
+    found = api(f"{server['url']}/api/v1/steps?pipeline_run_id={run_id}&name={step}")["items"]
+    return dict(api(f"{server['url']}/api/v1/steps/{found[0]['id']}?hydrate=true")["metadata"]["run_metadata"])
+
+
+def test_dataset_visualization_shows_counts_and_token_length_histogram(
+    run_page: Any, server: dict[str, Any], pipeline_run: dict[str, Any]
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    panels = run_page.find_elements(By.CSS_SELECTOR, "[role=dialog]")
+    if not panels or "prepare_dataset::output" not in panels[-1].text:
+        click_text(run_page, "PreparedData")
+    panel = open_panel(run_page)
+    click_text(run_page, "Visualization", within=panel)
+    # HTML visualizations are shown after the user agrees to load them, in a sandboxed iframe.
+    wait_for_text(run_page, ["Load Preview"], within=panel)
+    click_text(run_page, "Load Preview", within=panel)
+    deadline = time.monotonic() + PAGE_TIMEOUT
+    while not (frames := panel.find_elements(By.TAG_NAME, "iframe")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert frames, f"no visualization rendered:\n{panel.text[:2000]}"
+    page = frames[0].get_attribute("srcdoc")  # the HTML the dashboard fetched from the server and shows
+    assert "Dataset preparation" in page and "Token lengths" in page
+    assert "<svg" in page and page.count("<rect") >= 2, "an SVG histogram with bars"
+    counts = step_metadata(server, pipeline_run["id"], "prepare_dataset")
+    assert f"<th>rows kept</th><td>{counts['rows_kept']}</td>" in page
+    assert f"{counts['train_rows']} / {counts['eval_rows']}" in page
