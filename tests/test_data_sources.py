@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmtune.data import DataError, ErrorLog, read_records
+from llmtune.demo import write_jsonl
 
 ROWS = [
     {"instruction": "Spell 7 as a word.", "input": "", "output": "seven"},
@@ -19,12 +20,6 @@ ROWS = [
 
 def rows_of(source: Path | str, split: str = "train", subset: str | None = None) -> list[dict]:
     return [r.row for r in read_records(str(source), split, ErrorLog("raise"), subset=subset)]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -47,7 +42,7 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 def test_each_file_type_reads_the_same_rows(tmp_path: Path) -> None:
     (tmp_path / "rows.json").write_text(json.dumps(ROWS))
     sources = [
-        write_jsonl(tmp_path / "rows.jsonl", ROWS),
+        write_jsonl(ROWS, tmp_path / "rows.jsonl"),
         tmp_path / "rows.json",
         write_csv(tmp_path / "rows.csv", ROWS),
         write_parquet(tmp_path / "rows.parquet", ROWS),
@@ -57,8 +52,8 @@ def test_each_file_type_reads_the_same_rows(tmp_path: Path) -> None:
 
 
 def test_folder_of_files_splits_by_file_name(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "folder" / "train.jsonl", ROWS[:2])
-    write_jsonl(tmp_path / "folder" / "test.jsonl", ROWS[2:])
+    write_jsonl(ROWS[:2], tmp_path / "folder" / "train.jsonl")
+    write_jsonl(ROWS[2:], tmp_path / "folder" / "test.jsonl")
     assert rows_of(tmp_path / "folder", "train") == ROWS[:2]
     assert rows_of(tmp_path / "folder", "test") == ROWS[2:]
 
@@ -92,7 +87,7 @@ def test_hub_layout_folder_with_subsets_goes_through_load_dataset(tmp_path: Path
 
 
 def test_bad_line_in_a_folder_is_named_by_file_and_line(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "folder" / "train.jsonl", ROWS)
+    path = write_jsonl(ROWS, tmp_path / "folder" / "train.jsonl")
     path.write_text(path.read_text() + '{"instruction": "x", "output": \n')
     with pytest.raises(DataError, match=r"train.jsonl, line 4: malformed JSON"):
         rows_of(tmp_path / "folder")

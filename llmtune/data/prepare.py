@@ -115,7 +115,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, A
     examples, fmt, tally.rows_in = load_examples(cfg, errors)
     template = configure_tokenizer(tokenizer, cfg.chat_template) if fmt != "text" else "none (plain text)"
     seen: set[Example] = set()
-    examples = _subsample_counted(clean(examples, tally, seen, cfg.dedupe), cfg, tally)
+    examples = _subsample(clean(examples, tally, seen, cfg.dedupe), cfg, tally)
     train_enc, train_ex = fit_length(_encode(tokenizer, examples, cfg), examples, cfg, tally)
     eval_tally = Tally()
     if cfg.eval_split:
@@ -175,16 +175,12 @@ def _split(
     )
 
 
-def _subsample(examples: list[Example], max_rows: int | None, seed: int) -> list[Example]:
-    if max_rows is None or len(examples) <= max_rows:
+def _subsample(examples: list[Example], cfg: DataConfig, tally: Tally) -> list[Example]:
+    """At most `cfg.max_rows` examples, a seeded sample; the rest are counted as dropped."""
+    if cfg.max_rows is None or len(examples) <= cfg.max_rows:
         return examples
-    return random.Random(seed).sample(examples, max_rows)
-
-
-def _subsample_counted(examples: list[Example], cfg: DataConfig, tally: Tally) -> list[Example]:
-    kept = _subsample(examples, cfg.max_rows, cfg.seed)
-    tally.dropped["over_max_rows"] += len(examples) - len(kept)
-    return kept
+    tally.dropped["over_max_rows"] += len(examples) - cfg.max_rows
+    return random.Random(cfg.seed).sample(examples, cfg.max_rows)
 
 
 def _write(out: Path, tokenizer: Any, train: list[Encoded], evals: list[Encoded], eval_ex: list[Example]) -> None:

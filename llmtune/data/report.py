@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-IGNORE = -100
+from llmtune.data.encode import IGNORE
+
 PERCENTILES = (5, 50, 90, 95, 99)
 
 
