@@ -19,7 +19,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from llmtune.data.errors import DataError
@@ -79,25 +81,46 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], responses_only:
     """Token ids and labels for each example, tokenized in batches (the fast tokenizer runs in Rust)."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("A fast (Rust) tokenizer is needed to locate answer tokens; this one is a slow tokenizer.")
-    out: list[Encoded] = []
-    for start in range(0, len(examples), BATCH):
-        batch = examples[start : start + BATCH]
-        out += _encode_text_batch(tokenizer, batch) if batch[0].is_text else _encode_chat_batch(tokenizer, batch)
+    batches = [examples[start : start + BATCH] for start in range(0, len(examples), BATCH)]
+    if batches and batches[0][0].is_text:
+        out = [enc for batch in batches for enc in _encode_text_batch(tokenizer, batch)]
+    else:
+        out = _encode_chat_batches(tokenizer, batches)
     if not responses_only:
         out = [Encoded(e.input_ids, list(e.input_ids)) for e in out]
     return out
 
 
-def _encode_chat_batch(tokenizer: Any, batch: Sequence[Example]) -> list[Encoded]:
-    rendered = [assistant_spans(tokenizer, example) for example in batch]
+def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]]) -> list[Encoded]:
+    """Render and label in Python while the Rust tokenizer (which releases the GIL) encodes the batch before.
+
+    Tokenizing is most of the work and runs on every core; overlapping the single-threaded template
+    rendering and labelling with it keeps both cores busy.
+    """
     # The Rust tokenizer directly: transformers' per-row conversion of offsets costs more than tokenizing.
-    encodings = tokenizer.backend_tokenizer.encode_batch([text for text, _ in rendered], add_special_tokens=False)
+    encode = partial(tokenizer.backend_tokenizer.encode_batch, add_special_tokens=False)
     end_ids = _end_of_turn_ids(tokenizer)
+    out: list[Encoded] = []
+    pending: tuple[Future, list[tuple[str, list[tuple[int, int]]]]] | None = None
+    with ThreadPoolExecutor(max_workers=1) as tokenizing:
+        for batch in batches:
+            rendered = [assistant_spans(tokenizer, example) for example in batch]
+            submitted = tokenizing.submit(encode, [text for text, _ in rendered])
+            if pending:
+                out += _label_batch(*pending, tokenizer.eos_token_id, end_ids)
+            pending = (submitted, rendered)
+        if pending:
+            out += _label_batch(*pending, tokenizer.eos_token_id, end_ids)
+    return out
+
+
+def _label_batch(
+    encoded: Future, rendered: list[tuple[str, list[tuple[int, int]]]], eos_id: int, end_ids: set[int]
+) -> list[Encoded]:
     results = []
-    for encoding, (_, spans) in zip(encodings, rendered, strict=True):
+    for encoding, (_, spans) in zip(encoded.result(), rendered, strict=True):
         ids = list(encoding.ids)
-        labels = _answer_labels(ids, encoding, spans)
-        results.append(_end_at_last_answer(ids, labels, tokenizer.eos_token_id, end_ids))
+        results.append(_end_at_last_answer(ids, _answer_labels(ids, encoding, spans), eos_id, end_ids))
     return results
 
 
