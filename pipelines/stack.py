@@ -86,7 +86,19 @@ def _select_local_stack() -> str:
     client = Client()
     stack_id = _find_stack(client, STACK_NAME) or _create_local_stack(client)
     os.environ["ZENML_ACTIVE_STACK_ID"] = stack_id
+    _create_mlflow_store()
     return STACK_NAME
+
+
+def _create_mlflow_store() -> None:
+    """Create and migrate the local MLflow database now, inside the first-use lock.
+
+    MLflow builds its SQLite schema on first use, and two processes doing that at once fail mid-migration
+    (steps of two concurrent runs otherwise race to it); afterwards every process finds it ready.
+    """
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=mlflow_tracking_uri()).search_experiments(max_results=1)
 
 
 def _select_recipe_stack(recipe: str) -> str:
