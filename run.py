@@ -3,6 +3,7 @@
     python run.py --pipeline finetune                       # default config: offline demo on the CPU
     python run.py --pipeline finetune --config configs/recipes/llama-3.2-1b-alpaca.yaml
     python run.py --pipeline finetune --set training.max_steps=5 --set model.backend=hf --no-cache
+    python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
 
 Config problems (bad value, unknown key, missing file, unreadable data) are reported in one paragraph
 with exit code 2 before any model is loaded. Heavy imports happen only after validation.
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parent
 PIPELINES = {
     "finetune": "all six steps: prepare, 4-bit load, LoRA, SFT, evaluate, merge/export",
     "export": "merge, verify, export and publish the adapter of an earlier finetune run (no training)",
+    "evaluate": "score an earlier run's adapter, a model version or an adapter folder against its base (no training)",
     "prepare": "only dataset preparation; prints rows kept, drops, token lengths and a marked example",
 }
 
@@ -87,6 +89,11 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # a subcommand with its own options, so it goes before the pipeline parser
+        quiet_network_env()
+        from pipelines.compare_runs import main as compare_runs
+
+        return compare_runs(argv[1:])
     args = parse_args(argv)
     os.chdir(ROOT)  # relative paths in configs are relative to the project
     quiet_network_env()
@@ -139,8 +146,12 @@ def run_pipeline(name: str, cfg: object, enable_cache: bool) -> int:
         use_project_stack()  # $LLMTUNE_RECIPE's stack, else the local one
     except RecipeError as err:
         return fail(str(err))
+    from llmtune.config import ConfigError
+
     try:
         return int(importlib.import_module(f"pipelines.{name}").launch(cfg, enable_cache))
+    except ConfigError as err:  # e.g. a source run or model version that does not exist
+        return fail(str(err))
     except Exception as err:  # the step logs above carry the detail; end with one clear line
         print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -137,6 +137,25 @@ class TrainingConfig(_Section):
     )
     seed: int = Field(42)
 
+    num_gpus: int = Field(
+        1,
+        ge=0,
+        description="GPUs to train on, data-parallel: one process per GPU (accelerate launch), each with the whole "
+        "4-bit model and its own per_device_train_batch_size rows of every step. 1 = the step's own process; "
+        "0 = every visible GPU (the step's own process when there is none).",
+    )
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _checkpoints_on_a_filesystem(cls, value: str | None) -> str | None:
+        if value and "://" in value:
+            raise ValueError(
+                f"training.checkpoint_dir={value} is a URL, but the trainer writes and resumes checkpoints on a "
+                "file system; use a path every retry can reach (a mounted bucket, e.g. /gcs/my-bucket/ckpt, or a "
+                "shared volume)"
+            )
+        return value
+
 
 class EvaluationConfig(_Section):
     max_eval_rows: int | None = Field(200, ge=1, description="Rows of the eval split scored for loss (null = all).")
@@ -210,9 +229,6 @@ class ExportConfig(_Section):
     publish_format: Literal["adapter", "merged_16bit", "merged_4bit"] = Field(
         "merged_16bit", description="Which exported folder goes to the Hub and the MLflow registry (one of formats)."
     )
-    require_improvement: bool = Field(
-        True, description="Publish (Hub, MLflow registry) only when the tuned eval loss beats the base's."
-    )
     hub_repo_id: str | None = Field(
         None, description="Hugging Face Hub repo to push to (owner/name); null = no Hub push."
     )
@@ -228,17 +244,54 @@ class ExportConfig(_Section):
     zenml_model: str | None = Field(
         "llmtune", description="ZenML Model (Model Control Plane) that each run's artifacts join; null = none."
     )
-    source_run: str | None = Field(
-        None, description="--pipeline export: the finetune run (name or id) to export; null = the latest completed."
-    )
-    source_model_version: int | str | None = Field(
-        None, description="--pipeline export: export the run behind this version of zenml_model (number, name, stage)."
-    )
 
     @model_validator(mode="after")
     def _publish_format_is_exported(self) -> ExportConfig:
         if self.publish_format not in self.formats:
             raise ValueError(f"export.publish_format={self.publish_format} is not in export.formats={self.formats}")
+        return self
+
+
+class PromotionConfig(_Section):
+    """The gate between evaluate and merge/push: a run that fails it is not merged, published or promoted."""
+
+    metric: Literal["eval_loss", "perplexity", "exact_match", "rouge_l", "chrf", "bleu", "judge_score"] = Field(
+        "eval_loss",
+        description="What the gate compares (loss and perplexity: lower is better; the rest: higher). A generation "
+        "metric must be in evaluation.metrics (exact_match always is); judge_score needs evaluation.judge_url.",
+    )
+    min_improvement_over_base: float = Field(
+        0.0, description="Tuned must beat base by at least this much, in the metric's units (0 = not worse)."
+    )
+    max_regression_vs_production: float = Field(
+        0.0,
+        ge=0.0,
+        description="Tuned may fall behind the model's production version by at most this much (scored on the "
+        "same held-out rows); 0 = at least as good.",
+    )
+    promote_to: Literal["staging", "production"] | None = Field(
+        "staging",
+        description="Stage a passing run's ZenML Model version moves to (and the MLflow registry alias, when "
+        "registering); null = gate only, no promotion.",
+    )
+
+
+class SourceConfig(_Section):
+    """What `--pipeline export` and `--pipeline evaluate` work on; the finetune pipeline ignores it."""
+
+    run: str | None = Field(None, description="A finetune run (name or id); null = the latest completed one.")
+    model_version: int | str | None = Field(
+        None, description="A version of export.zenml_model: number, name, or stage (production, staging, latest)."
+    )
+    adapter: str | None = Field(
+        None, description="--pipeline evaluate: a PEFT adapter folder (e.g. outputs/<run>/adapter) on model.name."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceConfig:
+        chosen = [k for k in ("run", "model_version", "adapter") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set only one of source.run, source.model_version, source.adapter (got {chosen})")
         return self
 
 
@@ -249,15 +302,43 @@ class RunConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     export: ExportConfig = ExportConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    source: SourceConfig = SourceConfig()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
         if self.lora.alpha > 64 * self.lora.r:
             raise ValueError(f"lora.alpha={self.lora.alpha} is over 64 x lora.r; training would diverge")
+        self._gate_metric_is_scored()
         return self
+
+    def _gate_metric_is_scored(self) -> None:
+        metric, evaluation = self.promotion.metric, self.evaluation
+        if metric in ("eval_loss", "perplexity"):
+            return
+        if metric == "judge_score" and not evaluation.judge_url:
+            raise ValueError("promotion.metric=judge_score needs evaluation.judge_url (the judge is off)")
+        if metric != "judge_score" and metric != "exact_match" and metric not in evaluation.metrics:
+            raise ValueError(f"promotion.metric={metric} is not in evaluation.metrics={evaluation.metrics}")
+        if evaluation.num_generation_prompts == 0:
+            raise ValueError(f"promotion.metric={metric} needs generated answers; evaluation.num_generation_prompts=0")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any]) -> RunConfig:
+        """The config an earlier run recorded, minus keys this version no longer has (they were renamed or removed).
+
+        >>> RunConfig.from_stored({"export": {"require_improvement": True, "dtype": "float16"}}).export.dtype
+        'float16'
+        """
+        known = {
+            section: {k: v for k, v in values.items() if k in _section_class(section).model_fields}
+            for section, values in stored.items()
+            if section in cls.model_fields and isinstance(values, dict)
+        }
+        return cls.model_validate(known)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from llmtune import metrics as metric_lib
@@ -109,9 +111,18 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 def compare(
-    model: Any, tokenizer: Any, eval_dataset: Any, eval_prompts: list[dict[str, str]], cfg: EvaluationConfig
+    model: Any,
+    tokenizer: Any,
+    eval_dataset: Any,
+    eval_prompts: list[dict[str, str]],
+    cfg: EvaluationConfig,
+    champion_adapter: str | None = None,
 ) -> EvalReport:
-    """Metrics for base (adapter off) and tuned (adapter on), and the samples table."""
+    """Metrics for base (adapter off) and tuned (adapter on), and the samples table.
+
+    With `champion_adapter` (the production version's adapter folder, trained on the same base) it is
+    scored on the same rows and prompts as `champion_*`, so the promotion gate compares like with like.
+    """
     rows = eval_dataset.select(range(min(len(eval_dataset), cfg.max_eval_rows or len(eval_dataset))))
     prompts = eval_prompts[: cfg.num_generation_prompts]
     texts, references = [p["prompt"] for p in prompts], [p["reference"] for p in prompts]
@@ -120,16 +131,31 @@ def compare(
     outputs: dict[str, list[str]] = {}
     for name in ("base", "tuned"):
         with _adapter(model, enabled=name == "tuned"):
-            loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
-            outputs[name] = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size)
-        report[f"{name}_eval_loss"] = round(loss, 4)
-        report[f"{name}_perplexity"] = round(math.exp(min(loss, 50.0)), 3)
-        for metric, value in metric_lib.corpus_scores(outputs[name], references, chosen).items():
-            report[f"{name}_{metric}"] = value
+            scores, outputs[name] = score(model, tokenizer, rows, texts, references, cfg)
+        report.update({f"{name}_{k}": v for k, v in scores.items()})
     report["eval_rows"], report["generation_prompts"] = len(rows), len(prompts)
     report["metrics"] = chosen
     report["samples"] = build_samples(texts, references, outputs["base"], outputs["tuned"], chosen)
+    if champion_adapter:
+        with _other_adapter(model, champion_adapter, "champion"):
+            scores, answers = score(model, tokenizer, rows, texts, references, cfg)
+        report.update({f"champion_{k}": v for k, v in scores.items()})
+        report["samples"] = [
+            {**{k: row[k] for k in SAMPLE_TEXT_COLUMNS}, "champion": answer, **row}
+            for row, answer in zip(report["samples"], answers, strict=True)
+        ]
     return report
+
+
+def score(
+    model: Any, tokenizer: Any, rows: Any, texts: list[str], references: list[str], cfg: EvaluationConfig
+) -> tuple[dict[str, float], list[str]]:
+    """Loss, perplexity and the configured generation metrics of `model` as it is now, with its greedy answers."""
+    loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
+    answers = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size)
+    scores = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
+    scores.update(metric_lib.corpus_scores(answers, references, report_metrics(cfg)))
+    return scores, answers
 
 
 def report_metrics(cfg: EvaluationConfig) -> list[str]:
@@ -192,3 +218,19 @@ def _adapter(model: Any, enabled: bool) -> Any:
     from contextlib import nullcontext
 
     return nullcontext() if enabled else model.disable_adapter()
+
+
+@contextmanager
+def _other_adapter(model: Any, adapter_dir: str, name: str) -> Iterator[None]:
+    """Load a second PEFT adapter beside the tuned one, make it the active one, and drop it afterwards."""
+    from llmtune.backends.hf import require_adapter_safetensors
+
+    require_adapter_safetensors(adapter_dir)  # PEFT's load_adapter would fall back to unpickling a .bin
+    previous = model.active_adapter
+    model.load_adapter(adapter_dir, adapter_name=name)
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous, inference_mode=True)
+        model.delete_adapter(name)

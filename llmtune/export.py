@@ -89,6 +89,7 @@ def resolve_base_checkpoint(cfg: ModelConfig, cache_dir: str | Path | None = Non
     """The folder holding the original base's config and safetensors: `model.name` itself when it is a
     local folder, else the Hub snapshot (downloaded, or read from the cache when offline)."""
     if Path(cfg.name).is_dir():
+        hf.require_safetensors(cfg.name)
         return Path(cfg.name)
     from huggingface_hub import snapshot_download
 
@@ -223,6 +224,7 @@ def load_lora_deltas(adapter_dir: str | Path) -> dict[str, LoraDelta]:
     from peft import PeftConfig
     from safetensors.torch import load_file
 
+    hf.require_adapter_safetensors(adapter_dir)
     config = PeftConfig.from_pretrained(str(adapter_dir))
     _check_supported(config)
     scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
@@ -467,6 +469,7 @@ def reference_outputs(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    hf.require_adapter_safetensors(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(
         str(base_dir), dtype=torch.float32, use_safetensors=True, device_map=hf.device_map()
     )
@@ -496,7 +499,7 @@ def check_merge(merged_dir: str | Path, inputs: CheckInputs, cfg: ExportConfig) 
     want, base_alone = reference_outputs(inputs.base_dir, inputs.adapter_dir, inputs.tokenizer, prompts, n)
     got = _outputs_of(
         lambda: AutoModelForCausalLM.from_pretrained(
-            str(merged_dir), dtype=torch.float32, device_map=hf.device_map()
+            str(merged_dir), dtype=torch.float32, device_map=hf.device_map(), use_safetensors=True
         ).eval(),
         inputs.tokenizer,
         prompts,
@@ -574,14 +577,16 @@ def check_merged_4bit(merged4_dir: Path, merged16_dir: Path, tokenizer: Any, pro
 
     want = _outputs_of(
         lambda: AutoModelForCausalLM.from_pretrained(
-            str(merged16_dir), dtype=torch.float32, device_map=hf.device_map()
+            str(merged16_dir), dtype=torch.float32, device_map=hf.device_map(), use_safetensors=True
         ).eval(),
         tokenizer,
         prompts,
         n,
     )
     got = _outputs_of(
-        lambda: AutoModelForCausalLM.from_pretrained(str(merged4_dir), device_map=hf.device_map()).eval(),
+        lambda: AutoModelForCausalLM.from_pretrained(
+            str(merged4_dir), device_map=hf.device_map(), use_safetensors=True
+        ).eval(),
         tokenizer,
         prompts,
         n,

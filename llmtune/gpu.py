@@ -80,8 +80,8 @@ def explain_oom(settings: TrainingMemorySettings) -> Iterator[None]:
         yield
         return
     except Exception as err:
-        if not is_oom(err):
-            raise
+        if isinstance(err, GpuOutOfMemory) or not is_oom(err):
+            raise  # already explained (by a data-parallel worker), or not a memory error
         detail = str(err)
     # Raised outside the except block, so the CUDA error's traceback (which holds the activations) is
     # not kept alive as this error's context and the cache can be freed.

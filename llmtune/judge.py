@@ -84,9 +84,13 @@ def parse_score(reply: str, max_score: int) -> float:
 
 
 def add_judge_scores(report: dict[str, Any], judge: Judge) -> None:
-    """Per-sample `base_judge`/`tuned_judge` on report['samples'], and their means as `*_judge_score`."""
+    """Per-sample `base_judge`/`tuned_judge` on report['samples'], and their means as `*_judge_score`.
+
+    A `champion` column (the production version's answers, when the gate re-scored it) is judged too.
+    """
     samples = report["samples"]
-    for name in ("base", "tuned"):
+    present = ("base", "tuned", "champion") if samples and "champion" in samples[0] else ("base", "tuned")
+    for name in present:
         for sample in samples:
             sample[f"{name}_judge"] = round(score_answer(judge, sample["prompt"], sample["reference"], sample[name]), 4)
         mean = sum(s[f"{name}_judge"] for s in samples) / len(samples) if samples else 0.0

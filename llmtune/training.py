@@ -44,6 +44,10 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        # Non-reentrant checkpointing and no search for unused parameters: what DistributedDataParallel needs
+        # over a 4-bit base whose LoRA weights all take part in every step (one process: no effect).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        ddp_find_unused_parameters=False,
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -107,7 +111,12 @@ class _PortableSFTTrainer(SFTTrainer):
         if num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens and DDP averages the gradients, so scale back up,
+            # as TRL's and the Trainer's own losses do.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
 
 def _fused_lm_head_runs(tensor: Any) -> bool:
@@ -142,6 +151,9 @@ def train(
         processing_class=tokenizer,
         callbacks=[history, *(callbacks or [])],
     )
+    # One process trains on one GPU. With several visible and no data-parallel launch, the Trainer would
+    # multiply the batch by their number for nn.DataParallel, which it then skips for a 4-bit model.
+    trainer.args._n_gpu = min(trainer.args.n_gpu, 1)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
@@ -160,6 +172,7 @@ def train(
         "packing": cfg.packing,
         "train_rows": len(train_dataset),
         "rows_after_packing": len(trained_on),
+        "data_parallel_processes": int(trainer.args.world_size),
     }
 
 
@@ -185,5 +198,6 @@ def _step_of(checkpoint: str | Path | None) -> int:
 
 
 def _epochs_seen(trainer: Any, dataset: Any) -> float:
-    seen = trainer.state.global_step * trainer.args.per_device_train_batch_size
+    # Every process of a data-parallel run trains on its own rows of each step.
+    seen = trainer.state.global_step * trainer.args.per_device_train_batch_size * trainer.args.world_size
     return seen * trainer.args.gradient_accumulation_steps / max(1, len(dataset))

@@ -29,26 +29,53 @@ def mlflow_run_id(run_name: str, experiment: str = EXPERIMENT) -> str | None:
     return found[0].info.run_id if found else None
 
 
-def print_summary(run_id: Any, console: Console | None = None) -> None:
+def print_summary(run_id: Any, console: Console | None = None, champion_version: str | None = None) -> None:
+    """Steps, base vs tuned (and production), where the outputs went; `champion_version` names production when
+    the run has no gate of its own to say it (the evaluate pipeline)."""
     console = console or Console()
     run = Client().get_pipeline_run(run_id)
     console.print(_steps_table(run))
     if run.status.value != "completed":
         console.print(f"[red]Run {run.name} ended {run.status.value}.[/red] See the step logs above.")
         return
+    export = step_output(run, "merge_and_push", "export_report") if "merge_and_push" in run.steps else {}
     if "evaluate" in run.steps:
-        console.print(_metrics_table(step_output(run, "evaluate", "eval_report")))
-    export = step_output(run, "merge_and_push", "export_report")
+        production = champion_version or export.get("gate_champion_version") or "?"
+        console.print(_metrics_table(step_output(run, "evaluate", "eval_report"), production))
     experiment = run.pipeline.name if run.pipeline else EXPERIMENT  # the tracker names experiments after pipelines
     lines = [
-        *_export_lines(export),
-        f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment)}",
+        *_gate_lines(export),
+        *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
+        f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment) or '(none: all cached)'}",
         f"  open the UI:  mlflow ui --backend-store-uri {mlflow_tracking_uri()}",
         f"ZenML:        run {run.name}",
         "  dashboard:    zenml login --local   (then open the printed URL)",
     ]
     for line in lines:
         console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def print_gate_preview(run_id: Any, gate: Any, champion_version: str | None, console: Console | None = None) -> None:
+    """What the promotion gate would decide on an evaluate-only run (nothing is promoted by it)."""
+    from llmtune.promotion import decide
+
+    run = Client().get_pipeline_run(run_id)
+    if run.status.value != "completed":
+        return
+    verdict = decide(step_output(run, "evaluate", "eval_report"), gate, champion_version)
+    (console or Console()).print(
+        f"Gate preview (nothing promoted): {verdict.text}", soft_wrap=True, markup=False, highlight=False
+    )
+
+
+def _gate_lines(export: dict[str, Any]) -> list[str]:
+    """The promotion gate's verdict, and where the model version went."""
+    if "gate_verdict" not in export:
+        return []
+    lines = [f"Gate:         {export['gate_verdict']}"]
+    if export.get("promoted_to"):
+        lines.append(f"Promoted:     ZenML model version {export['promoted_version']} -> {export['promoted_to']}")
+    return lines
 
 
 def _export_lines(export: dict[str, Any]) -> list[str]:
@@ -82,13 +109,17 @@ def _steps_table(run: Any) -> Table:
     return table
 
 
-def _metrics_table(report: dict[str, Any]) -> Table:
+def _metrics_table(report: dict[str, Any], production: str) -> Table:
     table = Table(
         title=f"Base vs tuned ({report['eval_rows']} eval rows, {report['generation_prompts']} generation prompts)"
     )
-    for column in ("metric", "base", "tuned"):
-        table.add_column(column)
+    columns = ["base", "tuned"] + (["champion"] if "champion_scored_on" in report else [])
+    table.add_column("metric")
+    for who in columns:
+        heading = f"production v{production}" if who == "champion" else who
+        table.add_column(heading)
     judge = ["judge_score"] if "base_judge_score" in report else []
     for metric in ("eval_loss", "perplexity", *report.get("metrics", ["exact_match"]), *judge):
-        table.add_row(metric, f"{report[f'base_{metric}']:.4g}", f"{report[f'tuned_{metric}']:.4g}")
+        values = [report.get(f"{who}_{metric}") for who in columns]
+        table.add_row(metric, *("-" if v is None else f"{v:.4g}" for v in values))
     return table

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, on a machine with a CUDA GPU: the `gpu` test tier (Unsloth 4-bit load of the
-# Llama-3.2-1B shape, LoRA, 40 training steps, adapter save/reload, OOM message, the finetune pipeline with ZenML
-# and MLflow), then the throughput benchmark (hf vs unsloth vs plain-Unsloth reference on the 1B shape).
+# Llama-3.2-1B shape, LoRA, 40 training steps, adapter save/reload, Unsloth's fast inference for evaluation, OOM
+# message, data-parallel training on 2 GPUs where there are 2, the finetune pipeline with ZenML and MLflow), then
+# the throughput benchmark (hf vs unsloth vs plain-Unsloth reference on the 1B shape, and each backend on 2 GPUs
+# where there are 2) and the evaluate step's generation speed on the 1B shape for both backends.
 #
-#   scripts/gpu_check.sh            # tests + 1B benchmark
+#   scripts/gpu_check.sh            # tests + 1B benchmarks
 #   scripts/gpu_check.sh full       # also the 8B shape (batch 2) and padded vs packed on the length mix
 #   scripts/gpu_check.sh bench      # benchmarks only
 #
@@ -37,7 +39,18 @@ bench() {  # name, then benchmark arguments
   sed -n '/^bf16 matmul/p;/^llama-/,$p' "$OUT/$name.log" | grep -v '^RESULT'
   return $rc
 }
-bench bench-1b --shape llama-3.2-1b --runs hf,unsloth,reference || status=1
+gpus=$(nvidia-smi -L | wc -l)
+runs=hf,unsloth,reference
+if [ "$gpus" -ge 2 ]; then runs="$runs,hf-2gpu,unsloth-2gpu"; fi
+bench bench-1b --shape llama-3.2-1b --runs "$runs" || status=1
+eval_work=$(mktemp -d)
+for backend in hf unsloth; do  # the evaluate step's greedy generation; the 1B model is built once, in the first
+  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/eval_speed.py --shape llama-3.2-1b --backend "$backend" \
+    --modes sequential,batched --work "$eval_work" --json "$OUT/eval-1b-$backend.json" > "$OUT/eval-1b-$backend.log" 2>&1
+  rc=$?
+  echo "eval speed, $backend:"; sed -n '/^mode /,/^{/p' "$OUT/eval-1b-$backend.log" | grep -v '^{'
+  [ "$rc" = 0 ] || status=1
+done
 if [ "$mode" = "full" ]; then
   bench bench-8b --shape llama-3.1-8b --runs unsloth --batch 2 --steps 10 --warmup 3 || status=1
   bench bench-packing --shape llama-3.2-1b --runs unsloth-padded,unsloth-packed --data length-mix || status=1

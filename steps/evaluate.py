@@ -6,7 +6,7 @@ from typing import Annotated, Any
 import mlflow
 from datasets import load_from_disk
 from transformers import AutoTokenizer
-from zenml import step
+from zenml import get_step_context, log_metadata, step
 
 from llmtune import evaluation, judge
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
@@ -19,22 +19,44 @@ from steps._record import record, section_params
 
 @step(experiment_tracker=True)
 def evaluate(
-    base: QuantizedBase, adapter: Adapter, data: PreparedData, cfg: EvaluationConfig, backend: str
+    base: QuantizedBase,
+    adapter: Adapter,
+    data: PreparedData,
+    cfg: EvaluationConfig,
+    backend: str,
+    champion: dict[str, Any] | None = None,
+    champion_adapter: Adapter | None = None,
 ) -> Annotated[EvalReport, "eval_report"]:
+    """Base vs tuned; with `champion` (the model's production version) it is scored too, for the promotion gate.
+
+    `champion` is `pipelines.sources.Champion.describe()`; `champion_adapter` its adapter when it was
+    trained on the same base (re-scored on these rows), else its recorded scores are carried over.
+    The champion's version number is not an input here (see `describe`); the gate gets it.
+    """
     model = resolve_backend(backend).load_for_inference(base.path, adapter.path)
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
     prompts = read_eval_prompts(data.path)
-    report = evaluation.compare(model, tokenizer, load_from_disk(str(Path(data.path) / "eval")), prompts, cfg)
+    rows = load_from_disk(str(Path(data.path) / "eval"))
+    rescore = champion_adapter.path if champion_adapter is not None else None
+    report = evaluation.compare(model, tokenizer, rows, prompts, cfg, champion_adapter=rescore)
+    if champion is not None:
+        report["champion_scored_on"] = "these eval rows" if rescore else "its own eval set (recorded)"
+        if not rescore:
+            report.update({f"champion_{k}": v for k, v in champion["recorded"].items()})
     judge_client = judge.judge_from_config(cfg, api_key=_judge_key_from_secret(cfg))
     if judge_client:
         judge.add_judge_scores(report, judge_client)
     report["tuned_beats_base"] = report["tuned_eval_loss"] < report["base_eval_loss"]
-    scores = {k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_")) and _is_number(v)}
+    scores = {
+        k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_", "champion_")) and _is_number(v)
+    }
     record(
         metadata={**scores, "tuned_beats_base": report["tuned_beats_base"]},
         params=section_params("evaluation", cfg),
         metrics=scores,
     )
+    if get_step_context().model_version is not None:  # every run's model version carries its scores
+        log_metadata(metadata=scores, infer_model=True)
     if mlflow.active_run() is not None:
         # The table view in the MLflow UI reads a logged table; the HTML is the same page as the ZenML visualization.
         mlflow.log_table(evaluation.sample_columns(report), artifact_file="eval_samples.json")

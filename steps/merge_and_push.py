@@ -1,9 +1,11 @@
-"""Step 6: merge onto the 16-bit base, verify, export the formats with a model card, then publish.
+"""Step 6: the promotion gate, then merge onto the 16-bit base, verify, export with a model card, publish, promote.
 
-Order matters: the merge check result is logged before anything is written, a failed check stops
-the step before any export, and the local export is complete before any push, so a failed push
-leaves it intact. Secrets are resolved here (never in llmtune/). Not cached: publishing is a side
-effect that must happen on every run that asks for it.
+Order matters: a run that fails the promotion gate stops here with its verdict recorded, before any
+merge. The merge check result is logged before anything is written, a failed check stops the step
+before any export, the local export is complete before any push (so a failed push leaves it intact),
+and the ZenML Model version is promoted only after everything asked for has been published. Secrets
+are resolved here (never in llmtune/). Not cached: publishing is a side effect that must happen on
+every run that asks for it.
 """
 
 import json
@@ -15,14 +17,15 @@ from typing import Annotated, Any
 
 import mlflow
 from transformers import AutoTokenizer
-from zenml import get_step_context, log_metadata, step
+from zenml import get_step_context, log_metadata, save_artifact, step
+from zenml.enums import ArtifactType
 
 from llmtune import export as exporting
-from llmtune import model_card, publish
+from llmtune import model_card, promotion, publish
 from llmtune.artifacts import Adapter, MergedModel, PreparedData, QuantizedBase
-from llmtune.config import ExportConfig, ModelConfig
+from llmtune.config import ExportConfig, ModelConfig, PromotionConfig
 from llmtune.data import read_eval_prompts
-from steps._record import record, section_params
+from steps._record import log_run_config_params, record
 
 
 @step(experiment_tracker=True, enable_cache=False)
@@ -35,23 +38,32 @@ def merge_and_push(
     model_cfg: ModelConfig,
     resolved_config: str,
     training_run: str | None = None,
-) -> tuple[Annotated[MergedModel, "merged_model"], Annotated[dict[str, Any], "export_report"]]:
+    gate: PromotionConfig | None = None,
+    champion_version: str | None = None,
+) -> Annotated[dict[str, Any], "export_report"]:
+    log_run_config_params(resolved_config)
+    verdict = _apply_gate(gate, eval_report, champion_version)
+    if verdict is not None and not verdict.passed:
+        print(verdict.text, flush=True)
+        return verdict.as_metadata()
     tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
     prompts = [p["prompt"] for p in read_eval_prompts(data.path)]
     job = exporting.ExportJob(model_cfg, Path(base.path), Path(adapter.path), tokenizer, prompts)
     work = Path(tempfile.mkdtemp(prefix="llmtune-export-"))
     merged_dir, check = exporting.merge_and_check(job, cfg, work)
-    record(
-        metadata=check,
-        params=section_params("export", cfg),
-        metrics={"merge_check_max_logit_gap": check["merge_check_max_logit_gap"]},
-    )
+    record(metadata=check, metrics={"merge_check_max_logit_gap": check["merge_check_max_logit_gap"]})
     exporting.ensure_passed(check)
+    # a tracked artifact (linked to the step and the model version), written only when the merge passed
+    save_artifact(MergedModel(str(merged_dir)), name="merged_model", artifact_type=ArtifactType.MODEL)
     folders = exporting.write_formats(job, cfg, merged_dir, work)
     facts = _card_facts(cfg, model_cfg, data, adapter, eval_report, check, resolved_config, training_run)
     _annotate(folders, facts, resolved_config)
     report = {**check, **_write_local(cfg, folders)}
-    report.update(_publish(cfg, folders[cfg.publish_format], eval_report, facts))
+    report.update(_publish(cfg, folders[cfg.publish_format], facts))
+    if verdict is not None:
+        report.update(verdict.as_metadata())
+        report.update(_promote(verdict, report))
+        print(verdict.text, flush=True)
     destinations = {k: v for k, v in report.items() if k not in check}
     if destinations:
         log_metadata(metadata=destinations)
@@ -59,7 +71,37 @@ def merge_and_push(
         log_metadata(metadata={**check, **destinations}, infer_model=True)
     if mlflow.active_run() is not None:
         mlflow.log_text(resolved_config, "config.yaml")
-    return MergedModel(str(merged_dir)), report
+    return report
+
+
+def _apply_gate(
+    gate: PromotionConfig | None, eval_report: dict[str, Any], champion_version: str | None
+) -> promotion.Verdict | None:
+    """Decide, and record the verdict on the step, the model version and the MLflow run, whichever way it goes."""
+    if gate is None:
+        return None
+    verdict = promotion.decide(eval_report, gate, champion_version)
+    facts = verdict.as_metadata()
+    log_metadata(metadata=facts)
+    if get_step_context().model_version is not None:
+        log_metadata(metadata=facts, infer_model=True)
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({"llmtune.verdict": "promoted" if verdict.passed else "rejected", "llmtune.gate": verdict.text})
+    return verdict
+
+
+def _promote(verdict: promotion.Verdict, report: dict[str, Any]) -> dict[str, Any]:
+    """Move the run's ZenML Model version (and its MLflow registry version, if any) to the configured stage."""
+    stage = verdict.promote_to
+    model_version = get_step_context().model_version
+    if not stage or model_version is None:
+        return {}
+    model_version.set_stage(stage, force=True)  # force: the version that held the stage is moved out of it
+    done: dict[str, Any] = {"promoted_to": stage, "promoted_version": str(model_version.number)}
+    if report.get("mlflow_registered_model"):
+        client = mlflow.MlflowClient()
+        client.set_registered_model_alias(report["mlflow_registered_model"], stage, str(report["mlflow_model_version"]))
+    return done
 
 
 def _card_facts(
@@ -128,14 +170,7 @@ def _write_local(cfg: ExportConfig, folders: dict[str, Path]) -> dict[str, str]:
     }
 
 
-def _publish(cfg: ExportConfig, folder: Path, eval_report: dict[str, Any], facts: model_card.CardFacts) -> dict:
-    if not (cfg.hub_repo_id or cfg.mlflow_registered_model):
-        return {}
-    if cfg.require_improvement and not eval_report.get("tuned_beats_base", False):
-        raise publish.PublishError(
-            "Not publishing: the tuned eval loss does not beat the base's (export.require_improvement=true). "
-            "The local export, if any, is written."
-        )
+def _publish(cfg: ExportConfig, folder: Path, facts: model_card.CardFacts) -> dict:
     done: dict[str, Any] = {}
     if cfg.mlflow_registered_model:
         done.update(_register(cfg.mlflow_registered_model, folder, facts, cfg.publish_format))

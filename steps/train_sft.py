@@ -2,6 +2,7 @@
 
 The backend that trained (hf or unsloth) and the peak GPU memory are recorded on the step and in MLflow.
 A GPU out-of-memory error ends the step with the settings to lower (see `llmtune.gpu.explain_oom`).
+With `training.num_gpus` > 1 training runs data-parallel, one process per GPU (see `llmtune.distributed`).
 """
 
 import hashlib
@@ -12,12 +13,10 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-from datasets import load_from_disk
-from transformers import AutoTokenizer
 from zenml import step
 from zenml.client import Client
 
-from llmtune import gpu, training
+from llmtune import distributed
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
 from llmtune.backends import resolve_backend
 from llmtune.config import TrainingConfig
@@ -34,30 +33,21 @@ def train_sft(
     max_seq_length: int,
 ) -> Adapter:
     chosen = resolve_backend(backend)
-    tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-    lora_r = json.loads((Path(initial_adapter.path) / "adapter_config.json").read_text())["r"]
-    memory = gpu.TrainingMemorySettings(
-        cfg.per_device_train_batch_size, max_seq_length, lora_r, cfg.gradient_checkpointing
-    )
-    gpu.reset_peak_memory()
-    with gpu.explain_oom(memory):
-        model = chosen.load_trainable(
-            base.path, initial_adapter.path, cfg.gradient_checkpointing, max_seq_length=max_seq_length
-        )
-        checkpoints = checkpoint_dir(cfg, base.path, initial_adapter.path, data.path, backend, max_seq_length)
-        report = training.train(
-            model,
-            tokenizer,
-            load_from_disk(str(Path(data.path) / "train")),
-            cfg,
-            tempfile.mkdtemp(prefix="llmtune-train-"),
-            max_seq_length,
-            checkpoint_dir=checkpoints,
-        )
-    report.update(backend=chosen.NAME, peak_gpu_memory_gib=round(gpu.peak_memory_gib(), 3))
+    processes = distributed.processes_for(cfg.num_gpus, distributed.visible_gpus())
     out = Path(tempfile.mkdtemp(prefix="llmtune-adapter-"))
-    model.save_pretrained(str(out))
-    (out / "training_report.json").write_text(json.dumps(report, indent=2))
+    job = distributed.TrainJob(
+        backend=chosen.NAME,
+        base_dir=base.path,
+        adapter_dir=initial_adapter.path,
+        train_dir=str(Path(data.path) / "train"),
+        tokenizer_dir=str(Path(data.path) / "tokenizer"),
+        training=cfg.model_dump(),
+        max_seq_length=max_seq_length,
+        out_dir=str(out),
+        checkpoint_dir=checkpoint_dir(cfg, base.path, initial_adapter.path, data.path, backend, max_seq_length),
+    )
+    # In this process, or with training.num_gpus > 1 one process per GPU; the adapter and report land in `out`.
+    report = distributed.train_adapter(job, processes)
     record(
         metadata={k: v for k, v in report.items() if k != "loss_history"},
         params={**section_params("training", cfg), "training.backend_used": chosen.NAME},
@@ -69,8 +59,8 @@ def train_sft(
     )
     if mlflow.active_run() is not None:
         mlflow.log_artifacts(str(out), artifact_path="adapter")
-    if checkpoints:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the adapter is stored now; checkpoints are only for resuming
+    if job.checkpoint_dir:  # the adapter is stored now; checkpoints are only for resuming
+        shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     return Adapter(str(out))
 
 
@@ -82,5 +72,10 @@ def checkpoint_dir(cfg: TrainingConfig, *inputs: object) -> str | None:
     root = cfg.checkpoint_dir or os.path.join(Client().active_stack.artifact_store.path, "llmtune-checkpoints")
     if "://" in root:  # a remote artifact store: the Trainer writes to local disk, so resume works on this host
         root = os.path.join(Path.home(), ".cache", "llmtune", "checkpoints")
+        print(
+            f"Checkpoints go to {root} on this machine: a retry in another container will not find them. "
+            "Set training.checkpoint_dir to a path every retry can reach (a mounted bucket or volume).",
+            flush=True,
+        )
     key = json.dumps([*map(str, inputs), cfg.model_dump()], sort_keys=True)
     return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:16])

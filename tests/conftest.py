@@ -72,4 +72,9 @@ def tiny_run_overrides(model_dir: Path, rows: Path, out_dir: Path, max_steps: in
         "evaluation.max_new_tokens=6",
         "evaluation.max_eval_rows=16",
         f"export.output_dir={out_dir}",
+        # the demo config's gate (exact match +0.05, promote to production) is not for a model this small and
+        # brief; staging keeps one module's run from becoming the production that another module's must beat
+        "promotion.metric=eval_loss",
+        "promotion.min_improvement_over_base=0",
+        "promotion.promote_to=staging",
     ]

@@ -106,3 +106,15 @@ def test_help_lists_options() -> None:
     assert result.returncode == 0
     for option in ("--pipeline", "--config", "--set", "--no-cache"):
         assert option in result.stdout
+
+
+def test_checkpoint_dir_must_be_a_file_system_path_not_a_url() -> None:
+    with pytest.raises(ConfigError, match=r"training\.checkpoint_dir=s3://bucket/ckpt is a URL"):
+        load_config(None, ["training.checkpoint_dir=s3://bucket/ckpt"])
+    assert load_config(None, ["training.checkpoint_dir=/gcs/bucket/ckpt"]).training.checkpoint_dir == "/gcs/bucket/ckpt"
+
+
+def test_an_earlier_runs_config_with_keys_since_removed_still_loads() -> None:
+    stored = RunConfig().model_dump()
+    stored["export"]["require_improvement"] = True  # a key older versions had
+    assert RunConfig.from_stored(stored).export == RunConfig().export

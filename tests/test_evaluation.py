@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,6 +14,7 @@ import pytest
 from llmtune import evaluation, judge, metrics
 from llmtune.config import EvaluationConfig, LoraConfig, load_config
 from tests.conftest import tiny_run_overrides
+from tests.http_fakes import JsonHandler
 
 API_KEY = "sk-test-not-a-real-key"
 
@@ -147,7 +148,7 @@ def test_samples_html_escapes_text_and_shows_every_column() -> None:
 # --- the LLM judge against a local OpenAI-compatible server ---------------------------------------------------
 
 
-class ChatCompletionsHandler(BaseHTTPRequestHandler):
+class ChatCompletionsHandler(JsonHandler):
     """Speaks POST /v1/chat/completions: scores 9 when the answer equals the reference, else 2."""
 
     requests: ClassVar[list[dict[str, Any]]] = []
@@ -157,24 +158,13 @@ class ChatCompletionsHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
         if self.path != "/v1/chat/completions" or type(self).status != 200:
-            self._reply(type(self).status if self.path == "/v1/chat/completions" else 404, {"error": "nope"})
+            self.reply_json({"error": "nope"}, type(self).status if self.path == "/v1/chat/completions" else 404)
             return
         user = body["messages"][1]["content"]
         reference = user.split("Reference answer:\n")[1].split("\n\n")[0]
         answer = user.split("Answer to grade:\n")[1]
         content = f"Close enough. Score: {9 if answer == reference else 2}"
-        self._reply(200, {"object": "chat.completion", "choices": [{"index": 0, "message": {"content": content}}]})
-
-    def _reply(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:  # keep test output quiet
-        pass
+        self.reply_json({"object": "chat.completion", "choices": [{"index": 0, "message": {"content": content}}]})
 
 
 @pytest.fixture(scope="module")

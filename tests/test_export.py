@@ -413,7 +413,7 @@ def test_export_pipeline_reexports_without_training_and_a_failed_push_keeps_the_
     source = finetuned["run"]
     overrides = [
         *finetuned["overrides"],
-        f"export.source_run={source.name}",
+        f"source.run={source.name}",
         "export.formats=[adapter]",
         "export.publish_format=adapter",
         "export.hub_repo_id=me/tuned",
@@ -438,7 +438,7 @@ def test_export_pipeline_from_a_model_version(finetuned: dict) -> None:
     number = Client().get_model_version("llmtune-tiny", "latest").number
     overrides = [
         *finetuned["overrides"],
-        f"export.source_model_version={number}",
+        f"source.model_version={number}",
         "export.mlflow_registered_model=null",
     ]
     assert cli("export", overrides) == 0

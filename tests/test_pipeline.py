@@ -81,6 +81,15 @@ def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict)
     got = statuses(last_run())
     assert [got[s] for s in ("prepare_dataset", "load_base_model", "inject_lora")] == ["cached"] * 3
     assert got["train_sft"] == "completed"
+    # the cached steps logged nothing to this run, yet its MLflow params still cover every config section
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.stack import mlflow_tracking_uri
+    from pipelines.summary import mlflow_run_id
+
+    params = MlflowClient(tracking_uri=mlflow_tracking_uri()).get_run(mlflow_run_id(last_run().name)).data.params
+    assert params["training.max_steps"] == "6" and params["lora.r"] == "16"
+    assert params["data.source"] == first_run["overrides"][1].split("=", 1)[1]
 
 
 def test_failed_run_leaves_cached_artifacts_usable(first_run: dict) -> None:

@@ -12,12 +12,46 @@ Example (a tiny base built in a temp folder):
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from llmtune.config import LoraConfig, ModelConfig
 
 NAME = "hf"
+# Weights are read from safetensors only: a pickle file (.bin, .pt, ...) can run code when it is loaded.
+SAFE_BASE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+SAFE_ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class PickleWeightsRefused(ValueError):
+    """A model or adapter folder offers no safetensors weights; llmtune never unpickles weights."""
+
+
+def require_safetensors(folder: str | Path, accepted: tuple[str, ...] = SAFE_BASE_WEIGHTS) -> None:
+    """Refuse the local `folder` unless it holds one of the `accepted` safetensors files.
+
+    A name that is not a local folder (a Hub id) is left to `use_safetensors=True` in the loader.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / "pytorch_model.bin").write_bytes(b"")
+    >>> require_safetensors(folder)
+    Traceback (most recent call last):
+    ...
+    llmtune.backends.hf.PickleWeightsRefused: ... has no model.safetensors ... (it has pytorch_model.bin) ...
+    """
+    path = Path(folder)
+    if not path.is_dir() or any((path / name).is_file() for name in accepted):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f" (it has {', '.join(pickles)})" if pickles else ""
+    raise PickleWeightsRefused(
+        f"'{folder}' has no {' or '.join(accepted)}{found}. llmtune reads weights from safetensors only, since "
+        f"loading a pickle file can run arbitrary code. Re-save the weights as safetensors "
+        f"(save_pretrained(..., safe_serialization=True)) and point the config at that folder."
+    )
 
 
 def compute_dtype(name: str) -> Any:
@@ -29,9 +63,10 @@ def compute_dtype(name: str) -> Any:
 
 
 def device_map() -> Any:
+    """The whole model on this process's GPU (LOCAL_RANK's under a data-parallel launch, else GPU 0), or the CPU."""
     import torch
 
-    return {"": 0} if torch.cuda.is_available() else "cpu"
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))} if torch.cuda.is_available() else "cpu"
 
 
 def bnb_config(cfg: ModelConfig) -> Any:
@@ -65,6 +100,7 @@ def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
     """Load `cfg.name` in 4-bit and save the quantized checkpoint + tokenizer to `out_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    require_safetensors(cfg.name)
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     model = AutoModelForCausalLM.from_pretrained(
         cfg.name,
@@ -98,6 +134,7 @@ def load_base(base_dir: str | Path) -> Any:
     """The saved 4-bit base, its quantization config read back from config.json."""
     from transformers import AutoModelForCausalLM
 
+    require_safetensors(base_dir)
     return AutoModelForCausalLM.from_pretrained(str(base_dir), device_map=device_map(), use_safetensors=True)
 
 
@@ -128,7 +165,13 @@ def load_trainable(
     """
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    base = prepare_model_for_kbit_training(load_base(base_dir), use_gradient_checkpointing=gradient_checkpointing)
+    require_adapter_safetensors(adapter_dir)
+    # Non-reentrant checkpointing: what DistributedDataParallel supports, and what the Trainer asks for too.
+    base = prepare_model_for_kbit_training(
+        load_base(base_dir),
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
 
 
@@ -136,4 +179,14 @@ def load_for_inference(base_dir: str | Path, adapter_dir: str | Path) -> Any:
     """4-bit base + adapter in eval mode; `with model.disable_adapter():` gives the base alone."""
     from peft import PeftModel
 
+    require_adapter_safetensors(adapter_dir)
     return PeftModel.from_pretrained(load_base(base_dir), str(adapter_dir)).eval()
+
+
+def require_adapter_safetensors(adapter_dir: str | Path) -> None:
+    """Refuse an adapter folder without adapter_model.safetensors (PEFT would fall back to unpickling a .bin)."""
+    if not Path(adapter_dir).is_dir():
+        raise PickleWeightsRefused(
+            f"Adapter folder '{adapter_dir}' does not exist; adapters are read from local folders."
+        )
+    require_safetensors(adapter_dir, SAFE_ADAPTER_WEIGHTS)

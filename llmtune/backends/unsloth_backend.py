@@ -8,7 +8,8 @@ first; `llmtune.backends.import_unsloth_if_used` is the one place that orders th
 What makes it fast sits in `load_trainable`: the adapter goes onto the base through PEFT and is then
 handed to Unsloth's `patch_peft_model`, which swaps in its fused LoRA kernels (attention QKV/O and the
 MLP) and its offloaded gradient checkpointing, the same as `FastLanguageModel.get_peft_model` does
-for a fresh adapter.
+for a fresh adapter. `load_for_inference` puts the model on Unsloth's inference path (its fused
+single-token decoding with the KV cache), which the evaluate step's greedy generation then uses.
 
 Example (the settings that need no GPU; loading needs CUDA):
     >>> lora_kwargs(LoraConfig(r=8, alpha=16))["target_modules"]
@@ -68,6 +69,7 @@ def native_max_length(model_dir: str | Path, wanted: int | None = None) -> int:
 
 
 def _load(model_dir: str | Path, max_seq_length: int, gradient_checkpointing: str | bool, **extra: Any) -> Any:
+    hf.require_safetensors(model_dir)  # a local folder with only pickle weights is refused before Unsloth sees it
     model, _tokenizer = fast_language_model().from_pretrained(
         str(model_dir),
         max_seq_length=max_seq_length,
@@ -116,11 +118,21 @@ def load_trainable(
 
     fast = fast_language_model()
     mode = checkpointing_mode(gradient_checkpointing)
+    hf.require_adapter_safetensors(adapter_dir)
     base = _load(base_dir, native_max_length(base_dir, max_seq_length), mode)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
     return fast.patch_peft_model(model, use_gradient_checkpointing=mode)
 
 
 def load_for_inference(base_dir: str | Path, adapter_dir: str | Path) -> Any:
-    """Evaluation reads the same artifacts through plain transformers + PEFT, so base and tuned are scored alike."""
-    return hf.load_for_inference(base_dir, adapter_dir)
+    """4-bit base + adapter on Unsloth's fast inference path (`FastLanguageModel.for_inference`), for evaluation.
+
+    Its kernels read each LoRA layer's adapters-disabled flag, so `with model.disable_adapter():` still
+    gives the base alone: base and tuned are scored by the same model, as with the hf backend.
+    """
+    from peft import PeftModel
+
+    hf.require_adapter_safetensors(adapter_dir)
+    base = _load(base_dir, native_max_length(base_dir), False)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    return fast_language_model().for_inference(model)

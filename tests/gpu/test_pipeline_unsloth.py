@@ -1,5 +1,7 @@
 """The whole `finetune` pipeline once on the GPU with the unsloth backend, on an isolated ZenML store with MLflow,
-on the random-init Llama-3.2-1B shape; read back through the ZenML client and MLflow."""
+on the random-init Llama-3.2-1B shape; read back through the ZenML client and MLflow. It trains on every visible
+GPU (`training.num_gpus=0`), so on a machine with several the train step runs data-parallel, and the evaluate
+step runs on Unsloth's fast inference path."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ def unsloth_run(llama_1b_dir: Path, rows_file: Path, tmp_path_factory: pytest.Te
         "training.learning_rate=0.001",
         "training.logging_steps=5",
         "training.gradient_checkpointing=true",
+        "training.num_gpus=0",  # every visible GPU: on a machine with several, the step trains data-parallel
     ]
     assert cli.main(["--pipeline", "finetune", *(a for o in overrides for a in ("--set", o))]) == 0
     return Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
@@ -36,6 +39,9 @@ def test_six_steps_complete_with_unsloth(unsloth_run) -> None:  # type: ignore[n
     for name in ("load_base_model", "inject_lora", "train_sft"):
         assert unsloth_run.steps[name].run_metadata["backend"] == "unsloth", name
     assert unsloth_run.steps["train_sft"].run_metadata["peak_gpu_memory_gib"] > 0
+    import torch
+
+    assert unsloth_run.steps["train_sft"].run_metadata["data_parallel_processes"] == torch.cuda.device_count()
 
 
 def test_backend_and_training_are_in_mlflow(unsloth_run) -> None:  # type: ignore[no-untyped-def]

@@ -153,3 +153,57 @@ def test_out_of_memory_in_training_ends_with_the_settings_to_lower(
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert "training.per_device_train_batch_size=64 -> 32" in str(caught.value)
     assert "data.max_seq_length=2048 -> 1024" in str(caught.value) and "lora.r=16 -> 8" in str(caught.value)
+
+
+def greedy_continuations(model, rows, prompt_len: int, new: int):  # type: ignore[no-untyped-def]
+    """Greedy next `new` task tokens after the first `prompt_len` of each row (token ids, no text)."""
+    import torch
+
+    prompts = torch.tensor([row[:prompt_len] for row in rows["input_ids"]], device="cuda")
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, prompt_len:].tolist()
+
+
+def share_equal(a: list[list[int]], b: list[list[int]]) -> float:
+    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def test_evaluation_runs_on_unsloths_fast_inference_with_the_adapter_toggle(trained: dict, unsloth_base: dict) -> None:
+    """The unsloth backend's inference model is Unsloth's fast path; switching the adapter off still gives the
+    base, and its losses and greedy answers match the plain transformers + PEFT model's."""
+    from llmtune.evaluation import eval_loss
+
+    adapter = trained["work"] / "adapter"
+    fast = resolve_backend("unsloth").load_for_inference(unsloth_base["dir"], adapter)
+    plain = hf.load_for_inference(unsloth_base["dir"], adapter)
+    assert getattr(fast.base_model.model, "_flag_for_generation", False), "for_inference ran"
+    rows = successor_task(8, 48, seed=2)
+    expected = [row[16:48] for row in rows["input_ids"]]
+    results = {}
+    for name, model in (("fast", fast), ("plain", plain)):
+        tuned = (eval_loss(model, rows, 0, 8), greedy_continuations(model, rows, 16, 32))
+        with model.disable_adapter():
+            base = (eval_loss(model, rows, 0, 8), greedy_continuations(model, rows, 16, 32))
+        results[name] = {"tuned": tuned, "base": base}
+    fast_tuned, fast_base = results["fast"]["tuned"], results["fast"]["base"]
+    assert fast_tuned[0] < 0.6 * fast_base[0], results
+    for which in ("tuned", "base"):
+        assert results["fast"][which][0] == pytest.approx(results["plain"][which][0], rel=0.03), results
+    agreement = {
+        "tuned_vs_task": share_equal(fast_tuned[1], expected),
+        "base_vs_task": share_equal(fast_base[1], expected),
+        "fast_vs_plain_tuned": share_equal(fast_tuned[1], results["plain"]["tuned"][1]),
+    }
+    # Seen on an H200: 1.0, 0.0 and 1.0; losses 0.0044 tuned and 12.16 base on both paths.
+    assert agreement["tuned_vs_task"] >= 0.9, (agreement, results)
+    assert agreement["base_vs_task"] <= 0.2, (agreement, results)
+    assert agreement["fast_vs_plain_tuned"] >= 0.9, (agreement, results)

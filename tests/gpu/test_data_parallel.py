@@ -1,0 +1,91 @@
+"""Data-parallel training on 2 GPUs (`training.num_gpus=2`) for both backends, on the Llama-3.2-1B shape: one
+process per GPU, each on its own GPU, gradients all-reduced, the loss falls, rank 0 saves a loadable adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmtune import distributed
+from llmtune.backends import resolve_backend
+from llmtune.config import LoraConfig, ModelConfig, TrainingConfig
+from tests.gpu.test_unsloth_backend import SEQ, successor_task
+from tests.test_distributed import RANKS_ENV
+
+pytestmark = pytest.mark.gpu
+
+STEPS, BATCH = 30, 4
+
+
+@pytest.fixture(autouse=True)
+def _needs_two_gpus() -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA GPUs")
+
+
+@pytest.fixture(scope="module")
+def inputs(llama_1b_dir: Path, demo_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[no-untyped-def]
+    """The 4-bit base, an initial adapter, the task rows and the tokenizer, as the upstream steps leave them."""
+    work = tmp_path_factory.mktemp("data-parallel")
+    backend = resolve_backend("hf")
+    backend.load_quantized(ModelConfig(name=str(llama_1b_dir), backend="hf"), work / "base")
+    backend.add_lora(work / "base", LoraConfig(r=16, alpha=32, dropout=0.0), work / "adapter0")
+    successor_task(STEPS * BATCH * 2, SEQ).save_to_disk(str(work / "train"))
+    demo_tokenizer.save_pretrained(str(work / "tokenizer"))
+    return {"work": work}
+
+
+@pytest.mark.parametrize("backend", ["hf", "unsloth"])
+def test_two_gpus_train_one_adapter(
+    backend: str, inputs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    work = inputs["work"]
+    monkeypatch.setenv(RANKS_ENV, str(tmp_path))
+    cfg = TrainingConfig(
+        max_steps=STEPS,
+        learning_rate=2e-3,
+        per_device_train_batch_size=BATCH,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        gradient_checkpointing=True,
+        num_gpus=2,
+    )
+    job = distributed.TrainJob(
+        backend=backend,
+        base_dir=str(work / "base"),
+        adapter_dir=str(work / "adapter0"),
+        train_dir=str(work / "train"),
+        tokenizer_dir=str(work / "tokenizer"),
+        training=cfg.model_dump(),
+        max_seq_length=SEQ,
+        out_dir=str(tmp_path / "out"),
+        callbacks=["tests.test_distributed:rank_recorder"],
+    )
+    report = distributed.train_adapter(job, distributed.processes_for(cfg.num_gpus, distributed.visible_gpus()))
+
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank-*.json"))]
+    assert [(r["rank"], r["device"]) for r in ranks] == [(0, "cuda:0"), (1, "cuda:1")]
+    assert ranks[0]["lora_sum"] == ranks[1]["lora_sum"], "both GPUs hold the same adapter after every step"
+    assert report["data_parallel_processes"] == 2 and report["backend"] == backend
+    assert report["peak_gpu_memory_gib"] > 0
+    losses = [p["loss"] for p in report["loss_history"]]
+    assert len(losses) == STEPS and sum(losses[-5:]) < 0.6 * sum(losses[:5]), losses
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    initial = load_file(str(work / "adapter0" / "adapter_model.safetensors"))
+    assert saved.keys() == initial.keys()
+    assert any(not (saved[k] == initial[k]).all() for k in saved if "lora_B" in k)
+
+
+def test_more_gpus_than_there_are_is_refused() -> None:
+    import torch
+
+    visible = torch.cuda.device_count()
+    with pytest.raises(distributed.DataParallelError, match=f"{visible} CUDA GPUs are visible"):
+        distributed.processes_for(visible + 1, visible)
