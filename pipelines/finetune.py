@@ -41,6 +41,7 @@ def finetune(config: dict, champion: dict | None = None, champion_version: str |
         resolved_config=cfg.to_yaml(),
         gate=cfg.promotion,
         champion_version=champion_version,
+        champion_adapter_id=champion["adapter_artifact_id"] if champion else None,
     )
 
 

@@ -1,11 +1,12 @@
 """Step 6: the promotion gate, then merge onto the 16-bit base, verify, export with a model card, publish, promote.
 
 Order matters: a run that fails the promotion gate stops here with its verdict recorded, before any
-merge. The merge check result is logged before anything is written, a failed check stops the step
-before any export, the local export is complete before any push (so a failed push leaves it intact),
-and the ZenML Model version is promoted only after everything asked for has been published. Secrets
-are resolved here (never in llmtune/). Not cached: publishing is a side effect that must happen on
-every run that asks for it.
+merge; so does a run whose adapter is production's own (a scheduled run on unchanged data and config).
+The merge check result is logged before anything is written, a failed check stops the step before any
+export, the local export is complete before any push (so a failed push leaves it intact), and the
+ZenML Model version is promoted only after everything asked for has been published. Secrets are
+resolved here (never in llmtune/). Not cached: publishing is a side effect that must happen on every
+run that asks for it.
 """
 
 import json
@@ -40,8 +41,11 @@ def merge_and_push(
     training_run: str | None = None,
     gate: PromotionConfig | None = None,
     champion_version: str | None = None,
+    champion_adapter_id: str | None = None,
 ) -> Annotated[dict[str, Any], "export_report"]:
     log_run_config_params(resolved_config)
+    if gate is not None and champion_adapter_id and _input_id("adapter") == champion_adapter_id:
+        return _unchanged(champion_version)
     verdict = _apply_gate(gate, eval_report, champion_version)
     if verdict is not None and not verdict.passed:
         print(verdict.text, flush=True)
@@ -88,6 +92,24 @@ def _apply_gate(
     if mlflow.active_run() is not None:
         mlflow.set_tags({"llmtune.verdict": "promoted" if verdict.passed else "rejected", "llmtune.gate": verdict.text})
     return verdict
+
+
+def _input_id(name: str) -> str:
+    return str(get_step_context().inputs[name][0].id)
+
+
+def _unchanged(champion_version: str | None) -> dict[str, Any]:
+    """A run whose (cached) adapter is production's own: a scheduled run on unchanged data and config."""
+    text = (
+        f"UNCHANGED: this run's adapter is production version {champion_version}'s (same data and config, training "
+        "cached); nothing merged, published or promoted."
+    )
+    print(text, flush=True)
+    facts = {"gate_verdict": text, "gate_unchanged": True}
+    log_metadata(metadata=facts)
+    if mlflow.active_run() is not None:
+        mlflow.set_tags({"llmtune.verdict": "unchanged", "llmtune.gate": text})
+    return facts
 
 
 def _promote(verdict: promotion.Verdict, report: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,22 @@ def test_a_passing_run_is_promoted_and_its_version_carries_scores_and_verdict(ch
     assert (champion["out"] / run.name / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.pipeline
+def test_a_rerun_on_unchanged_data_and_config_trains_merges_and_promotes_nothing(champion: dict) -> None:
+    from zenml.client import Client
+
+    assert cli("finetune", champion["overrides"]) == 0  # what a scheduled run does
+    rerun = latest_run("finetune")
+    assert rerun.steps["train_sft"].status.value == "cached"
+    step = rerun.steps["merge_and_push"]
+    assert step.run_metadata["gate_unchanged"] is True and "UNCHANGED" in step.run_metadata["gate_verdict"]
+    assert "merge_check_passed" not in step.run_metadata, "nothing merged"
+    assert not (champion["out"] / rerun.name).exists(), "nothing exported"
+    production = Client().get_model_version(MODEL, "production")
+    assert champion["run"].name in production.pipeline_runs, "the earlier version stays production"
+    assert mlflow_run(rerun.name).data.tags["llmtune.verdict"] == "unchanged"
+
+
 @pytest.fixture(scope="module")
 def challenger(champion: dict) -> dict:
     """A run that barely trains (1 step at a tiny learning rate): it beats nothing, so production must stop it."""
