@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from zenml.client import Client
 
+from pipelines import sources
 from pipelines.stack import mlflow_tracking_uri
 
 EXPERIMENT = "finetune"
@@ -15,8 +16,7 @@ EXPERIMENT = "finetune"
 
 def step_output(run: Any, step: str, name: str) -> Any:
     """Load one named output artifact of a step of a finished run."""
-    outputs = run.steps[step].outputs[name]
-    return (outputs[0] if isinstance(outputs, list) else outputs).load()
+    return sources.step_output(run, step, name).load()
 
 
 def mlflow_run_id(run_name: str, experiment: str = EXPERIMENT) -> str | None:
