@@ -32,6 +32,8 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
     import torch
 
     on_gpu = torch.cuda.is_available()
+    # Left out when unset, so the trainer's own default applies (Unsloth's: decide for itself; TRL's: off).
+    padding_free: dict[str, Any] = {} if cfg.padding_free is None else {"padding_free": cfg.padding_free}
     return SFTConfig(
         output_dir=str(output_dir),
         max_steps=cfg.max_steps,
@@ -49,13 +51,18 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         gradient_checkpointing_kwargs={"use_reentrant": False},
         ddp_find_unused_parameters=False,
         logging_steps=cfg.logging_steps,
+        # The Trainer's NaN filter would log a diverged step as the running mean, hiding it from LossHistory's
+        # check, and reads the loss on the host every step, which stalls the GPU between steps.
+        logging_nan_inf_filter=False,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        max_length=max_length,
+        # TRL refuses to truncate flattened batches; the prepare step has already cut or dropped longer examples.
+        max_length=None if cfg.padding_free and not cfg.packing else max_length,
         # Packing: best-fit-decreasing into rows of max_length, padding-free, with position_ids restarting
         # at every example so attention stays within each example (TRL's "bfd" strategy).
         packing=cfg.packing,
         packing_strategy="bfd",
+        **padding_free,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         report_to="none",
@@ -170,6 +177,7 @@ def train(
         "approx_tokens_per_second": round(tokens / seconds, 1),
         "resumed_from_step": _step_of(resume_from),
         "packing": cfg.packing,
+        "padding_free": bool(getattr(trainer.args, "padding_free", False)),  # as the trainer resolved it
         "train_rows": len(train_dataset),
         "rows_after_packing": len(trained_on),
         "data_parallel_processes": int(trainer.args.world_size),

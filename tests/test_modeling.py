@@ -92,3 +92,18 @@ def test_loss_falls(trained: dict) -> None:
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.85 * first, losses
+
+
+def test_a_diverged_step_stops_training_with_what_to_change(
+    tmp_path: Path, quantized_dir: Path, prepared_dir: Path
+) -> None:
+    """A NaN loss must reach LossHistory's check: the Trainer's NaN filter would log it as the running mean."""
+    hf.add_lora(quantized_dir, LoraConfig(r=4, alpha=8), tmp_path / "adapter0")
+    model = hf.load_trainable(quantized_dir, tmp_path / "adapter0", gradient_checkpointing=False)
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b.fill_(float("nan"))  # every forward now gives a NaN loss, as a diverged run does
+    cfg = TrainingConfig(max_steps=3, per_device_train_batch_size=4, logging_steps=1, warmup_steps=0)
+    tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
+    with pytest.raises(training.TrainingError, match=r"loss became nan at step 1.*learning_rate"):
+        training.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, tmp_path / "t", 128)

@@ -74,3 +74,44 @@ def test_training_with_packing_trains_fewer_fuller_rows(quantized_dir: Path, pre
     )
     assert report["packing"] and report["rows_after_packing"] < report["train_rows"] / 2
     assert all(p["loss"] > 0 for p in report["loss_history"])
+
+
+@pytest.mark.parametrize("padding_free", [None, True, False])
+def test_padding_free_setting_reaches_the_trainers_batches(
+    padding_free: bool | None, quantized_dir: Path, prepared_dir: Path, tmp_path: Path
+) -> None:
+    """training.padding_free=true flattens each batch into one row with restarting position ids; null leaves the
+    backend's choice (hf: padded batches)."""
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from llmtune import training
+    from llmtune.backends import hf
+    from llmtune.config import LoraConfig, TrainingConfig
+
+    hf.add_lora(quantized_dir, LoraConfig(r=4, alpha=8), tmp_path / "lora")
+    model = hf.load_trainable(quantized_dir, tmp_path / "lora", gradient_checkpointing=False)
+    seen: list[dict[str, Any]] = []
+
+    class Batches(TrainerCallback):  # the collated batch of the first step, as the model receives it
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            loader = kwargs["train_dataloader"]
+            seen.append(loader.collate_fn(loader.dataset.select(range(3)).to_list()))
+
+    cfg = TrainingConfig(max_steps=2, per_device_train_batch_size=3, logging_steps=1, padding_free=padding_free)
+    report = training.train(
+        model,
+        AutoTokenizer.from_pretrained(prepared_dir / "tokenizer"),
+        load_from_disk(str(prepared_dir / "train")),
+        cfg,
+        tmp_path / "work",
+        128,
+        callbacks=[Batches()],
+    )
+    batch = seen[0]
+    assert report["padding_free"] is bool(padding_free)
+    if padding_free:
+        assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+        assert (batch["position_ids"][0] == 0).sum() == 3  # three examples, each starting at position 0
+    else:
+        assert batch["input_ids"].shape[0] == 3 and "attention_mask" in batch
+    assert all(p["loss"] > 0 for p in report["loss_history"])
