@@ -40,7 +40,7 @@ bench() {  # name, then benchmark arguments
   return $rc
 }
 gpus=$(nvidia-smi -L | wc -l)
-runs=hf,unsloth,reference
+runs=hf,unsloth,unsloth-padded,reference
 if [ "$gpus" -ge 2 ]; then runs="$runs,hf-2gpu,unsloth-2gpu"; fi
 bench bench-1b --shape llama-3.2-1b --runs "$runs" || status=1
 eval_work=$(mktemp -d)
@@ -53,6 +53,6 @@ for backend in hf unsloth; do  # the evaluate step's greedy generation; the 1B m
 done
 if [ "$mode" = "full" ]; then
   bench bench-8b --shape llama-3.1-8b --runs unsloth --batch 2 --steps 10 --warmup 3 || status=1
-  bench bench-packing --shape llama-3.2-1b --runs unsloth-padded,unsloth-packed --data length-mix || status=1
+  bench bench-packing --shape llama-3.2-1b --runs unsloth-packed,unsloth,unsloth-padded --data length-mix || status=1
 fi
 exit "$status"
