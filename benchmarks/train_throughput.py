@@ -10,14 +10,17 @@ plain-Unsloth loop (FastLanguageModel 4-bit + get_peft_model + a bare PyTorch Ad
 model, data and settings, the yardstick for the pipeline's unsloth path. Each run is its own
 subprocess, because importing unsloth patches transformers for the whole process.
 
-Printed per run: trained tokens/s (padding excluded, steady state after warm-up steps), peak GPU memory
-(allocated, from the start of training), and MFU: model FLOPs (`llmtune.gpu.lora_training_flops`) per
-second over a bf16 matmul ceiling measured at the start of the same invocation. Then a table, the
-target checks, and one JSON line (also written to --json).
+Steps are timed between two synchronised points (after the warm-up steps and after the last timed step), so
+the measurement adds no host-device sync inside the steps it times; trained tokens (ids that are not padding)
+are counted on the GPU by a hook on the input embedding. Printed per run: trained tokens/s, peak GPU memory
+(allocated, from the start of training), MFU: model FLOPs (`llmtune.gpu.lora_training_flops`) per second
+over a bf16 matmul ceiling measured at the start of the same invocation, the warm-up time and, with
+--profile N, how busy the GPU was over N more steps. Then a table, the target checks, and one JSON line
+(also written to --json). The CPU runs it too (tiny model via --model-dir, for tests).
 
-    python benchmarks/train_throughput.py --shape llama-3.2-1b --runs hf,unsloth,reference
+    python benchmarks/train_throughput.py --shape llama-3.2-1b --runs hf,unsloth,unsloth-padded,reference
     python benchmarks/train_throughput.py --shape llama-3.1-8b --runs unsloth --batch 2
-    python benchmarks/train_throughput.py --shape llama-3.2-1b --runs unsloth-padded,unsloth-packed --data length-mix
+    python benchmarks/train_throughput.py --shape llama-3.2-1b --data length-mix --runs unsloth-packed,unsloth-padded
     python benchmarks/train_throughput.py --shape llama-3.2-1b --runs hf,hf-2gpu,unsloth,unsloth-2gpu
 """
 
