@@ -177,7 +177,8 @@ def train(
         "approx_tokens_per_second": round(tokens / seconds, 1),
         "resumed_from_step": _step_of(resume_from),
         "packing": cfg.packing,
-        "padding_free": bool(getattr(trainer.args, "padding_free", False)),  # as the trainer resolved it
+        # As the trainer resolved it: TRL flattens packed batches too, whatever args.padding_free says.
+        "padding_free": bool(getattr(trainer, "padding_free", getattr(trainer.args, "padding_free", False))),
         "train_rows": len(train_dataset),
         "rows_after_packing": len(trained_on),
         "data_parallel_processes": int(trainer.args.world_size),

@@ -73,6 +73,7 @@ def test_training_with_packing_trains_fewer_fuller_rows(quantized_dir: Path, pre
         model, AutoTokenizer.from_pretrained(prepared_dir / "tokenizer"), dataset, cfg, prepared_dir / "work", 128
     )
     assert report["packing"] and report["rows_after_packing"] < report["train_rows"] / 2
+    assert report["padding_free"]  # packed rows go to the model flattened, without padding
     assert all(p["loss"] > 0 for p in report["loss_history"])
 
 
