@@ -116,7 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write the JSON result here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one benchmark in this process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in args.runs.split(","):
+        try:
+            run_spec(name)
+        except (KeyError, ValueError):
+            p.error(f"unknown run '{name}' in --runs: use {', '.join(RUNS)}, each optionally + -<N>gpu and @<batch>")
+    return args
 
 
 # ---------------------------------------------------------------- parent: orchestrate, measure the ceiling, report
@@ -469,11 +475,18 @@ class Window:
         self._profiler = None
 
     def record(self) -> dict[str, Any]:
+        """The window, with the most GPU memory the allocator reserved (this process's GPU)."""
+        import torch
+
+        from llmtune.gpu import GIB
+
         (t0, n0), (t1, n1) = self.edges
+        reserved = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else 0.0
         return {
             "seconds": t1 - t0,
             "tokens": n1 - n0,
             "warmup_seconds": round(t0 - self.began, 2),
+            "reserved_gib": round(reserved, 3),
             "profile": self.profile,
         }
 
@@ -521,8 +534,6 @@ def step_timer() -> Any:
     import torch
     from transformers import TrainerCallback
 
-    from llmtune.gpu import GIB
-
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
             warmup, end, profile = map(int, os.environ[WINDOW_ENV].split(","))
@@ -551,8 +562,7 @@ def step_timer() -> Any:
                 torch.distributed.all_reduce(total)
                 record["tokens"] = int(total)
             if state.is_world_process_zero:
-                reserved = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else 0.0
-                record.update(model=self.model, reserved_gib=round(reserved, 3), trainer_args=self.trainer_args)
+                record.update(model=self.model, trainer_args=self.trainer_args)
                 Path(os.environ[TIMES_ENV]).write_text(json.dumps(record))
 
     return StepTimer()
@@ -647,7 +657,7 @@ def run_reference(args: argparse.Namespace, rows: list[list[int]], logging_steps
             losses.append(loss.item())
         window.step_done(step + 1, tokens)
     timed = window.record()
-    timed.update(model=model_shape(model), reserved_gib=round(torch.cuda.max_memory_reserved() / gpu.GIB, 3))
+    timed.update(model=model_shape(model))
     return measure(
         args,
         timed,
