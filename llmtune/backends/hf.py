@@ -135,7 +135,25 @@ def load_base(base_dir: str | Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     require_safetensors(base_dir)
-    return AutoModelForCausalLM.from_pretrained(str(base_dir), device_map=device_map(), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), device_map=device_map(), use_safetensors=True)
+    return keep_cpu_compute_dtype(model)
+
+
+def keep_cpu_compute_dtype(model: Any) -> Any:
+    """On the CPU, 4-bit layers compute in the model's compute dtype in every mode.
+
+    bitsandbytes 0.50 repacks a 4-bit weight for a bf16 kernel on its first no-grad CPU forward when the CPU
+    has AVX512-BF16, and unpacks it whenever a state dict is read (as PEFT's load_adapter does): scores then
+    depend on what ran before, at bf16 precision (the same adapter, scored before and after a second adapter
+    was loaded, differed by 6e-4 in eval loss, enough to fail a promotion gate against itself). Turning the
+    repacking off keeps the float32 path that training uses.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict[str, Any]:
