@@ -45,19 +45,24 @@ sys.path.insert(0, str(ROOT))
 class Run:
     """What one run name means: which code path, how batches are formed, on how many GPUs, at which batch size."""
 
-    backend: str  # hf, unsloth, or reference (the plain-Unsloth loop)
+    backend: str  # hf, unsloth, reference (the plain-Unsloth loop) or reference-trl (plain Unsloth + TRL packing)
     batching: str = "auto"  # auto (the pipeline's default), padded, padding-free or packed
     gpus: int = 1
     batch: int | None = None  # None: --batch
     diagnostic: str | None = None  # a one-GPU variant that changes one thing (see install_diagnostic)
     gradient_checkpointing: bool | None = None  # None: on for unsloth, --hf-gradient-checkpointing for hf
+    data: str | None = None  # full or length-mix; None: --data
+    varlen: bool = True  # training.varlen_attention
 
 
-# Run names. Any of them may end in "-<N>gpu" (data-parallel on N GPUs) and then "@<B>" (batch B per GPU).
+# Run names. Any of them may end in "-<N>gpu" (data-parallel on N GPUs), then "@<B>" (batch B per GPU), then
+# ":full" or ":mix" (that run's data, whatever --data says), so full rows and the mix compare in one invocation.
 RUNS = {
     "hf": Run("hf"),
     "unsloth": Run("unsloth"),
     "reference": Run("reference"),
+    # plain Unsloth as its notebooks train: FastLanguageModel + get_peft_model + TRL's SFTTrainer, packing=True.
+    "reference-trl-packed": Run("reference-trl", "packed"),
     # hf with gradient checkpointing, as TRL's SFTConfig defaults to: the usual way to fit a larger model.
     "hf-gc": Run("hf", gradient_checkpointing=True),
     "hf-padded": Run("hf", "padded"),
@@ -65,6 +70,9 @@ RUNS = {
     "unsloth-padded": Run("unsloth", "padded"),
     "unsloth-padding-free": Run("unsloth", "padding-free"),
     "unsloth-packed": Run("unsloth", "packed"),
+    # the same batching on the backend's own attention over flattened rows (training.varlen_attention=false)
+    "hf-packed-novarlen": Run("hf", "packed", varlen=False),
+    "unsloth-packed-novarlen": Run("unsloth", "packed", varlen=False),
     # Diagnostics, not the pipeline as shipped:
     # the model built as the reference builds it (bf16 load quantized on the fly, get_peft_model), trained by
     # llmtune.training.train: tells the model's construction apart from the training loop;
@@ -76,24 +84,39 @@ RUNS = {
     "unsloth-workers": Run("unsloth", diagnostic="workers"),
 }
 # Every batching mode as training settings (auto: the pipeline's defaults).
-BATCHING = {"padded": {"padding_free": False}, "padding-free": {"padding_free": True}, "packed": {"packing": True}}
+BATCHING = {
+    "padded": {"packing": False, "padding_free": False},
+    "padding-free": {"packing": False, "padding_free": True},
+    "packed": {"packing": True},
+}
+DATA_SUFFIXES = {"full": "full", "mix": "length-mix"}
 
 WINDOW_ENV = "LLMTUNE_BENCH_WINDOW"  # "warmup,end,profile": the timed steps (warmup, end], then profiled steps
 TIMES_ENV = "LLMTUNE_BENCH_STEP_TIMES"  # where rank 0's step timer writes, for runs in other processes
 
 
 def run_spec(name: str) -> Run:
-    """What a run name means: one of RUNS, optionally with "-<N>gpu" (data-parallel on N) and "@<B>" (batch B).
+    """What a run name means: one of RUNS, optionally with "-<N>gpu", "@<B>" (batch B) and ":full"/":mix" (data).
 
     >>> run_spec("unsloth-2gpu").gpus, run_spec("hf-padded").batching, run_spec("unsloth-padded@16").batch
     (2, 'padded', 16)
     >>> run_spec("unsloth-2gpu@4")
-    Run(backend='unsloth', batching='auto', gpus=2, batch=4, diagnostic=None, gradient_checkpointing=None)
+    Run(backend='unsloth', batching='auto', gpus=2, batch=4, diagnostic=None, gradient_checkpointing=None, ...)
+    >>> run_spec("unsloth@16:mix").data, run_spec("reference:full").data
+    ('length-mix', 'full')
     """
+    name, _, data = name.partition(":")
     name, _, batch = name.partition("@")
     base, _, suffix = name.rpartition("-")
     run = RUNS[name] if name in RUNS else dataclasses.replace(RUNS[base], gpus=int(suffix.removesuffix("gpu")))
-    return dataclasses.replace(run, batch=int(batch)) if batch else run
+    if batch:
+        run = dataclasses.replace(run, batch=int(batch))
+    return dataclasses.replace(run, data=DATA_SUFFIXES[data]) if data else run
+
+
+def data_of(name: str, args: argparse.Namespace) -> str:
+    """The data a run trains on: its own ":full"/":mix", else --data."""
+    return run_spec(name).data or args.data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--runs",
         default="hf,unsloth,reference",
-        help=f"comma list of: {', '.join(RUNS)}; each may end in -<N>gpu (data-parallel) and then @<batch>",
+        help=f"comma list of: {', '.join(RUNS)}; each may end in -<N>gpu (data-parallel), @<batch>, :full or :mix",
     )
     p.add_argument("--data", default="full", choices=["full", "length-mix"], help="all rows --seq long, or a mix")
     p.add_argument("--seq", type=int, default=2048, help="max sequence length (every row in --data full)")
@@ -110,7 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (all linear layers)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator warm-up)")
-    p.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones (GPU busy)")
+    p.add_argument(
+        "--profile", type=int, default=3, help="profile this many steps after the timed ones (GPU busy, kernels)"
+    )
     p.add_argument("--hf-gradient-checkpointing", action="store_true", help="hf with checkpointing (default off)")
     p.add_argument("--model-dir", default=None, help="reuse a model folder (else built under --work)")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
@@ -121,7 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:
             run_spec(name)
         except (KeyError, ValueError):
-            p.error(f"unknown run '{name}' in --runs: use {', '.join(RUNS)}, each optionally + -<N>gpu and @<batch>")
+            p.error(
+                f"unknown run '{name}' in --runs: use {', '.join(RUNS)}, each optionally + -<N>gpu, @<batch> "
+                "and :full or :mix"
+            )
     return args
 
 
@@ -184,7 +212,7 @@ def matmul_ceiling() -> float:
 
 def run_in_subprocess(name: str, args: argparse.Namespace, model_dir: Path, work: Path) -> dict[str, Any]:
     child_args = [a for a in sys.argv[1:] if not a.startswith("--child")]
-    result_file = work / f"{name}.json"
+    result_file = work / f"{name.replace(':', '-')}.json"
     cmd = [sys.executable, __file__, *child_args, "--child", name, "--model-dir", str(model_dir)]
     cmd += ["--work", str(work), "--json", str(result_file)]
     print(f"\n=== {name} ===", flush=True)
@@ -210,8 +238,15 @@ def target_checks(args: argparse.Namespace, results: list[dict[str, Any]]) -> di
     def ratio(a: str, b: str, key: str) -> float | None:
         return round(by[a][key] / by[b][key], 3) if a in by and b in by and by[b][key] else None
 
-    if (r := ratio("unsloth", "reference", "tokens_per_s")) is not None:
-        checks["unsloth_vs_reference_tokens_per_s"] = {"ratio": r, "target": ">= 0.95", "met": r >= 0.95}
+    # Full rows: the pipeline's default against the plain-Unsloth loop at the same batch.
+    target = 0.95 if args.shape == "llama-3.1-8b" else 0.97
+    full = {n: run_spec(n) for n, r in by.items() if r["data"] == "full" and run_spec(n).gpus == 1}
+    for name, spec in full.items():
+        same = [n for n, o in full.items() if o.backend == "reference" and o.batch == spec.batch]
+        if spec.backend == "unsloth" and spec.batching == "auto" and same:
+            r = round(by[name]["tokens_per_s"] / by[same[0]]["tokens_per_s"], 3)
+            checks[f"{name}_vs_{same[0]}_tokens_per_s"] = {"ratio": r, "target": f">= {target}", "met": r >= target}
+    checks.update(length_mix_checks(by))
     if (r := ratio("unsloth", "hf", "tokens_per_s")) is not None:
         # At 100% of the measured matmul ceiling a backend would train 1 / MFU(hf) times as fast as hf.
         bound = round(1 / by["hf"]["mfu"], 2) if by["hf"].get("mfu") else None
@@ -232,6 +267,49 @@ def target_checks(args: argparse.Namespace, results: list[dict[str, Any]]) -> di
     return checks
 
 
+def length_mix_checks(by: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The length-mix targets: the fastest correct batching on the mix against full rows of the same
+    invocation (and how busy it kept the GPU), the default batching against that fastest one, and the
+    default against plain Unsloth + TRL packing.
+
+    >>> runs = {"unsloth:full": {"data": "full", "tokens_per_s": 50.0},
+    ...         "unsloth:mix": {"data": "length-mix", "tokens_per_s": 47.0, "profile": {"gpu_busy_fraction": 0.9}},
+    ...         "unsloth-padded:mix": {"data": "length-mix", "tokens_per_s": 20.0},
+    ...         "reference-trl-packed:mix": {"data": "length-mix", "tokens_per_s": 18.0}}
+    >>> checks = length_mix_checks(runs)
+    >>> checks["length_mix_fastest_vs_full_rows"]["ratio"], checks["length_mix_default_vs_plain_unsloth_trl_packed"]
+    (0.94, {'ratio': 2.611, 'target': '>= 2', 'met': True})
+    """
+
+    def pipeline(n: str) -> bool:
+        spec = run_spec(n)
+        return spec.backend == "unsloth" and spec.gpus == 1 and spec.varlen and spec.diagnostic is None
+
+    mix = {n: r for n, r in by.items() if r["data"] == "length-mix" and pipeline(n)}
+    full = [n for n, r in by.items() if r["data"] == "full" and pipeline(n) and run_spec(n).batching == "auto"]
+    if not mix:
+        return {}
+    fastest = max(mix, key=lambda n: mix[n]["tokens_per_s"])
+    checks: dict[str, Any] = {}
+    if full:
+        r = round(mix[fastest]["tokens_per_s"] / by[full[0]]["tokens_per_s"], 3)
+        busy = (mix[fastest].get("profile") or {}).get("gpu_busy_fraction")
+        checks["length_mix_fastest_vs_full_rows"] = {
+            "fastest": fastest, "full_rows": full[0], "ratio": r, "target": ">= 0.9", "met": r >= 0.9,
+            "gpu_busy": busy, "busy_target": ">= 0.85", "busy_met": busy is not None and busy >= 0.85,
+        }  # fmt: skip
+    default = [n for n in mix if run_spec(n).batching == "auto"]
+    if default:
+        r = round(mix[default[0]]["tokens_per_s"] / mix[fastest]["tokens_per_s"], 3)
+        checks["length_mix_default_vs_fastest"] = {"default": default[0], "fastest": fastest, "ratio": r,
+                                                   "target": ">= 0.9", "met": r >= 0.9}  # fmt: skip
+        plain = [n for n, r in by.items() if r["data"] == "length-mix" and run_spec(n).backend == "reference-trl"]
+        if plain:
+            r = round(mix[default[0]]["tokens_per_s"] / by[plain[0]]["tokens_per_s"], 3)
+            checks["length_mix_default_vs_plain_unsloth_trl_packed"] = {"ratio": r, "target": ">= 2", "met": r >= 2}
+    return checks
+
+
 def packed_vs_padded(by: dict[str, dict[str, Any]], slack: float = 1.05) -> dict[str, Any] | None:
     """Packed against the fastest padded run of the same backend that fits in the packed run's peak memory.
 
@@ -244,12 +322,16 @@ def packed_vs_padded(by: dict[str, dict[str, Any]], slack: float = 1.05) -> dict
     >>> packed_vs_padded(runs)["ratio"], packed_vs_padded(runs)["baseline"]
     (3.75, 'unsloth-padded')
     """
-    packed = [n for n in by if run_spec(n).batching == "packed" and run_spec(n).gpus == 1]
+    packed = [n for n in by if run_spec(n).batching == "packed" and run_spec(n).gpus == 1 and run_spec(n).varlen]
     if not packed:
         return None
     p = by[packed[0]]
     backend = run_spec(packed[0]).backend
-    padded = [n for n in by if run_spec(n).batching == "padded" and run_spec(n).backend == backend]
+    padded = [
+        n
+        for n in by
+        if run_spec(n).batching == "padded" and run_spec(n).backend == backend and by[n].get("data") == p.get("data")
+    ]
     if not padded:
         return None
     fitting = [n for n in padded if by[n]["peak_gib"] <= p["peak_gib"] * slack]
@@ -264,17 +346,20 @@ def packed_vs_padded(by: dict[str, dict[str, Any]], slack: float = 1.05) -> dict
 
 def print_table(summary: dict[str, Any]) -> None:
     print(f"\n{summary['shape']}  {summary['settings']}  ceiling {summary['matmul_tflops']} TFLOP/s")
-    head = f"{'run':22} {'tokens/s':>10} {'peak GiB':>9} {'reserved':>9} {'MFU':>6} {'warm-up s':>9}"
-    print(head + f" {'loss first->last':>18} {'GPU busy':>9}")
+    head = f"{'run':26} {'data':10} {'tokens/s':>10} {'peak GiB':>9} {'reserved':>9} {'MFU':>6} {'warm-up s':>9}"
+    print(head + f" {'loss first->last':>18} {'GPU busy':>9} {'kernels/step':>12}  attention")
     for r in summary["runs"]:
         if "error" in r:
-            print(f"{r['run']:22} failed: {r['error']}")
+            print(f"{r['run']:26} failed: {r['error']}")
             continue
         losses = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"
-        busy = f"{r['profile']['gpu_busy_fraction']:.1%}" if r.get("profile") else "-"
+        profile = r.get("profile") or {}
+        busy = f"{profile['gpu_busy_fraction']:.1%}" if "gpu_busy_fraction" in profile else "-"
+        kernels = f"{profile['kernels_per_step']:.0f}" if "kernels_per_step" in profile else "-"
         print(
-            f"{r['run']:22} {r['tokens_per_s']:>10.0f} {r['peak_gib']:>9.2f} {r['reserved_gib']:>9.2f} "
-            f"{r['mfu']:>6.1%} {r['warmup_seconds']:>9.1f} {losses:>18} {busy:>9}"
+            f"{r['run']:26} {r.get('data', '-'):10} {r['tokens_per_s']:>10.0f} {r['peak_gib']:>9.2f} "
+            f"{r['reserved_gib']:>9.2f} {r['mfu']:>6.1%} {r['warmup_seconds']:>9.1f} {losses:>18} {busy:>9} "
+            f"{kernels:>12}  {r.get('attention') or '-'}"
         )
     for name, check in summary["checks"].items():
         print(f"  {name}: {check}")
@@ -289,10 +374,17 @@ def run_child(args: argparse.Namespace) -> int:
     from llmtune.backends import import_unsloth_if_used
 
     # Before transformers, peft and trl are imported, as the CLI does.
-    import_unsloth_if_used("unsloth" if run.backend in ("unsloth", "reference") else "hf")
+    import_unsloth_if_used("hf" if run.backend == "hf" else "unsloth")
+    args.data = data_of(args.child, args)
     rows = dataset_rows(args, run.gpus)
     args.lengths = [len(r) for r in rows]
-    result = run_reference(args, rows) if run.backend == "reference" else run_pipeline_path(args, run, rows)
+    if run.backend == "reference":
+        result = run_reference(args, rows)
+    elif run.backend == "reference-trl":
+        result = run_reference_trl(args, rows)
+    else:
+        result = run_pipeline_path(args, run, rows)
+    result["data"] = args.data
     result["run"] = args.child
     Path(args.json).write_text(json.dumps(result))
     print(json.dumps(result), flush=True)
@@ -359,11 +451,11 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
         logging_steps=10,  # the pipeline's default
         gradient_checkpointing=gc_on,
         num_gpus=run.gpus,
+        varlen_attention=run.varlen,
         **BATCHING.get(run.batching, {}),
     )
     install_diagnostic(run, training)
-    os.environ[WINDOW_ENV] = f"{args.warmup},{args.warmup + args.steps},{args.profile}"
-    os.environ[TIMES_ENV] = str(work / "step_times.json")  # inherited by data-parallel workers
+    set_window(args, work)
     job = distributed.TrainJob(
         backend=run.backend,
         base_dir=str(base),
@@ -390,7 +482,16 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
         backend=backend.NAME,
         gradient_checkpointing=gc_on,
         trainer_args=timed.get("trainer_args"),
+        attention=report.get("attention"),
+        packing=report.get("packing"),
+        padding_free=report.get("padding_free"),
     )
+
+
+def set_window(args: argparse.Namespace, work: Path) -> None:
+    """Tell `step_timer` (in this process or the data-parallel workers, which inherit it) what to time."""
+    os.environ[WINDOW_ENV] = f"{args.warmup},{args.warmup + args.steps},{args.profile}"
+    os.environ[TIMES_ENV] = str(work / "step_times.json")
 
 
 def install_diagnostic(run: Run, training: Any) -> None:
@@ -665,6 +766,55 @@ def run_reference(args: argparse.Namespace, rows: list[list[int]], logging_steps
         peak_gib=gpu.peak_memory_gib(),
         backend="unsloth (plain loop)",
         gradient_checkpointing=True,
+    )
+
+
+def run_reference_trl(args: argparse.Namespace, rows: list[list[int]]) -> dict[str, Any]:
+    """Plain Unsloth as a notebook user packs: `reference_model` + TRL's SFTTrainer (Unsloth's, since unsloth is
+    imported first) with `packing=True`, same data, batch, optimizer and timing window as the pipeline's runs."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from llmtune import gpu
+
+    model = reference_model(args)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child.replace(':', '-')}-", dir=args.work))
+    set_window(args, work)
+    sft = SFTConfig(
+        output_dir=str(work / "out"),
+        max_steps=total_steps(args),
+        per_device_train_batch_size=args.batch,
+        learning_rate=2e-4,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        packing=True,
+        max_length=args.seq,
+        bf16=True,
+        report_to="none",
+        save_strategy="no",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=sft,
+        train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}),
+        processing_class=AutoTokenizer.from_pretrained(args.model_dir),
+        callbacks=[step_timer()],
+    )
+    gpu.release_cached_memory()
+    gpu.reset_peak_memory()
+    trainer.train()
+    timed = json.loads((work / "step_times.json").read_text())
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return measure(
+        args,
+        timed,
+        losses,
+        peak_gib=gpu.peak_memory_gib(),
+        backend="unsloth + TRL SFTTrainer (plain)",
+        gradient_checkpointing=True,
+        trainer_args=timed.get("trainer_args"),
     )
 
 

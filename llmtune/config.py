@@ -121,16 +121,24 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0.0)
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_8bit on GPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (use on GPU for big models).")
-    packing: bool = Field(
-        False,
-        description="Pack examples into max_seq_length rows without padding; position ids keep packed "
-        "examples from attending to each other.",
+    packing: bool | None = Field(
+        None,
+        description="Pack examples into max_seq_length rows without padding; position ids keep packed examples from "
+        "attending to each other. A step then trains per_device_train_batch_size full rows (many examples each), "
+        "so max_steps covers more examples. null = decided from the data: on when example lengths differ (the "
+        "fast batching for instruction data), off when every example has the same length.",
     )
     padding_free: bool | None = Field(
         None,
         description="Flatten each batch into one row without padding (position ids keep examples apart). null = "
-        "the backend's choice (unsloth: on, hf: off). With unsloth, off runs its compiled decoder blocks: 5% "
-        "faster when every row is max_seq_length long (benchmarks/README.md), after ~10 s more warm-up.",
+        "the backend's choice (unsloth: on, hf: off), or off when training.packing=null finds every example the "
+        "same length: then Unsloth runs its compiled decoder blocks, ~5% faster (benchmarks/README.md).",
+    )
+    varlen_attention: bool = Field(
+        True,
+        description="Attend within each example of a flattened (packed or padding-free) batch with one "
+        "variable-length FlashAttention call per layer (torch's varlen_attn, CUDA). false = the backend's own "
+        "attention (transformers: a dense block-diagonal mask; Unsloth on torch < 2.12: one call per example).",
     )
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps (to MLflow too).")
     save_steps: int = Field(

@@ -1,27 +1,60 @@
 """Supervised fine-tuning of the LoRA adapter with TRL's SFTTrainer on the prepared (tokenized, masked) data.
 
+Batching: with `training.packing` unset, `resolve_batching` packs mixed-length data (one flattened row of
+whole examples per batch row, the fast path for instruction data) and keeps plain rows when every example
+has the same length; `llmtune.backends.attention` then gives flattened batches one variable-length
+attention call per layer.
+
 Example:
     >>> from llmtune.config import TrainingConfig
-    >>> args = sft_config(TrainingConfig(max_steps=5), "/tmp/x", max_length=128)
-    >>> args.max_steps, args.report_to
-    (5, [])
+    >>> cfg = resolve_batching(TrainingConfig(max_steps=5), lengths=[120, 37, 64])
+    >>> args = sft_config(cfg, "/tmp/x", max_length=128)
+    >>> args.max_steps, args.report_to, args.packing
+    (5, [], True)
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
+from llmtune.backends import attention
 from llmtune.config import TrainingConfig
 
 
 class TrainingError(RuntimeError):
     """Training could not produce a usable adapter; the message says why and what to change."""
+
+
+def resolve_batching(cfg: TrainingConfig, lengths: Sequence[int]) -> TrainingConfig:
+    """`cfg` with `packing=null` decided from the training examples' token lengths.
+
+    Lengths that differ (instruction data) are packed: every batch row is then a full max_seq_length row of
+    whole examples, which keeps the GPU busy where padded or flattened batches of a few short examples leave
+    it waiting. Equal lengths (pre-chunked text) gain nothing from packing: plain rows, and padding-free off
+    too unless set, so Unsloth runs its compiled blocks. An explicit `packing` is kept as it is.
+
+    >>> resolve_batching(TrainingConfig(), [40, 300, 120]).packing
+    True
+    >>> same = resolve_batching(TrainingConfig(), [2048] * 8)
+    >>> same.packing, same.padding_free
+    (False, False)
+    >>> resolve_batching(TrainingConfig(packing=False), [40, 300]).packing
+    False
+    """
+    if cfg.packing is not None:
+        return cfg
+    if len(set(lengths)) > 1:
+        return cfg.model_copy(update={"packing": True})
+    padding_free = False if cfg.padding_free is None else cfg.padding_free
+    return cfg.model_copy(update={"packing": False, "padding_free": padding_free})
 
 
 def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, checkpoints: bool = False) -> SFTConfig:
@@ -60,9 +93,10 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         max_length=None if cfg.padding_free and not cfg.packing else max_length,
         # Packing: best-fit-decreasing into rows of max_length, padding-free, with position_ids restarting
         # at every example so attention stays within each example (TRL's "bfd" strategy).
-        packing=cfg.packing,
+        packing=bool(cfg.packing),
         packing_strategy="bfd",
         **padding_free,
+        pad_to_multiple_of=pad_multiple(cfg, max_length) if on_gpu else None,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         report_to="none",
@@ -74,6 +108,38 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         disable_tqdm=False,
         dataset_num_proc=None,
     )
+
+
+def pad_multiple(cfg: TrainingConfig, max_length: int) -> int:
+    """What GPU batches are padded to a multiple of (labels of the pad are masked; the benchmark never counts it).
+
+    Packed batches: the whole flattened batch, `per_device_train_batch_size` rows of `max_length` (packing
+    fills rows to within a few tokens), so every step has the same shape and the allocator and matmul
+    plans are reused. Otherwise 8 tokens: a token count that is not a multiple of 8 sends the LoRA weight
+    gradients (whose inner dimension is the token count) to slow unaligned matmul kernels.
+
+    >>> packed = TrainingConfig(packing=True, per_device_train_batch_size=8)
+    >>> pad_multiple(packed, 2048), pad_multiple(TrainingConfig(), 2048)
+    (16384, 8)
+    """
+    return cfg.per_device_train_batch_size * max_length if cfg.packing else 8
+
+
+class _FlashOnlyWarningFilter(logging.Filter):
+    """Drops TRL's warnings that packing and padding-free batches need a FlashAttention implementation.
+
+    Every attention path here keeps packed examples apart by their restarting position ids (varlen, one SDPA
+    call per example, or transformers' block-diagonal mask; tests/test_attention.py and tests/test_packing.py),
+    and the train step logs which one it took, so the warning would only mislead.
+    """
+
+    MARKERS = ("Padding-free training is enabled, but the attention", "You are using packing, but the attention")
+
+    def filter(self, record: logging.LogRecord) -> bool:  # TRL's logger prefixes the rank: match inside
+        return not any(marker in str(record.msg) for marker in self.MARKERS)
+
+
+logging.getLogger("trl.trainer.sft_trainer").addFilter(_FlashOnlyWarningFilter())
 
 
 class LossHistory(TrainerCallback):
@@ -149,6 +215,7 @@ def train(
     the last one found there (model, optimizer, scheduler, RNG and data position), so a killed run
     loses at most one checkpoint interval.
     """
+    cfg = resolve_batching(cfg, [len(ids) for ids in train_dataset["input_ids"]])
     history = LossHistory()
     resume_from = last_checkpoint(checkpoint_dir) if checkpoint_dir else None
     trainer = _PortableSFTTrainer(
@@ -161,12 +228,17 @@ def train(
     # One process trains on one GPU. With several visible and no data-parallel launch, the Trainer would
     # multiply the batch by their number for nn.DataParallel, which it then skips for a 4-bit model.
     trainer.args._n_gpu = min(trainer.args.n_gpu, 1)
+    # As the trainer resolved it: TRL flattens packed batches too, whatever args.padding_free says.
+    flattened = bool(getattr(trainer, "padding_free", getattr(trainer.args, "padding_free", False)))
+    path = attention.use_for_training(model, flattened, enabled=cfg.varlen_attention)
+    print(f"Attention: {path.describe()}", flush=True)
+    trained_on: Any = trainer.train_dataset  # after TRL's preparation: packed rows when packing is on
+    print(batching_summary(cfg, flattened, len(train_dataset), len(trained_on), trainer.args.world_size), flush=True)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     if not history.points:
         history.points.append({"step": cfg.max_steps, "loss": float(result.training_loss)})
-    trained_on: Any = trainer.train_dataset  # after TRL's preparation: packed rows when packing is on
     tokens = sum(len(ids) for ids in trained_on["input_ids"]) * _epochs_seen(trainer, trained_on)
     return {
         "loss_history": history.points,
@@ -177,12 +249,32 @@ def train(
         "approx_tokens_per_second": round(tokens / seconds, 1),
         "resumed_from_step": _step_of(resume_from),
         "packing": cfg.packing,
-        # As the trainer resolved it: TRL flattens packed batches too, whatever args.padding_free says.
-        "padding_free": bool(getattr(trainer, "padding_free", getattr(trainer.args, "padding_free", False))),
+        "padding_free": flattened,
+        "attention": path.name,
+        "attention_reason": path.reason,
         "train_rows": len(train_dataset),
         "rows_after_packing": len(trained_on),
+        "epochs": round(_epochs_seen(trainer, trained_on), 3),
         "data_parallel_processes": int(trainer.args.world_size),
     }
+
+
+def batching_summary(cfg: TrainingConfig, flattened: bool, examples: int, rows: int, processes: int = 1) -> str:
+    """One line on what a step trains and how many epochs max_steps makes, for the log.
+
+    >>> cfg = TrainingConfig(max_steps=100, packing=True, per_device_train_batch_size=8)
+    >>> print(batching_summary(cfg, True, examples=20000, rows=2000))
+    Batching: packed, 20000 examples in 2000 rows (10.0 a row); a step trains 8 rows (~80 examples), so 100 steps
+    = 0.4 epochs.
+    """
+    rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
+    epochs = cfg.max_steps * rows_per_step / max(1, rows)
+    mode = "packed" if cfg.packing else "padding-free (each batch one flattened row)" if flattened else "padded"
+    per_row = examples / max(1, rows)
+    return (
+        f"Batching: {mode}, {examples} examples in {rows} rows ({per_row:.1f} a row); a step trains {rows_per_step} "
+        f"rows (~{rows_per_step * per_row:.0f} examples), so {cfg.max_steps} steps = {epochs:.1f} epochs."
+    )
 
 
 def last_checkpoint(checkpoint_dir: str | Path) -> str | None:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, on a machine with a CUDA GPU: the `gpu` test tier (Unsloth 4-bit load of the
 # Llama-3.2-1B shape, LoRA, 40 training steps, adapter save/reload, Unsloth's fast inference for evaluation, OOM
-# message, data-parallel training on 2 GPUs where there are 2, the finetune pipeline with ZenML and MLflow), then
-# the throughput benchmark (hf vs unsloth vs plain-Unsloth reference on the 1B shape, and each backend on 2 GPUs
-# where there are 2) and the evaluate step's generation speed on the 1B shape for both backends.
+# message, data-parallel training on 2 GPUs where there are 2, varlen attention over packed rows against each
+# example alone, the finetune pipeline with ZenML and MLflow), then the throughput benchmark on the 1B shape (full
+# rows and the length mix in one invocation, against plain Unsloth and plain Unsloth + TRL packing; each backend
+# on 2 GPUs where there are 2), the attention kernels alone, and the evaluate step's generation speed.
 #
 #   scripts/gpu_check.sh            # tests + 1B benchmarks
-#   scripts/gpu_check.sh full       # also the 8B shape (batch 2) and padded vs packed on the length mix
+#   scripts/gpu_check.sh full       # also the 8B shape (full rows and the length mix) and more batchings
 #   scripts/gpu_check.sh bench      # benchmarks only
 #
 # Results (logs, JUnit XML, one JSON per benchmark) go to $OUT (default: outputs/gpu-check). If a ./.whl folder
@@ -40,9 +41,18 @@ bench() {  # name, then benchmark arguments
   return $rc
 }
 gpus=$(nvidia-smi -L | wc -l)
-runs=hf,unsloth,unsloth-padded,reference
-if [ "$gpus" -ge 2 ]; then runs="$runs,hf-2gpu,unsloth-2gpu"; fi
+# One invocation: full 2048-token rows and the realistic length mix side by side, the pipeline's default batching
+# and each explicit one, the plain-Unsloth loop (full rows) and plain Unsloth + TRL packing (the mix).
+runs="reference:full,unsloth:full,unsloth-padded:full,hf:full,unsloth:mix,unsloth-packed:mix,unsloth-padded:mix"
+runs="$runs,reference-trl-packed:mix"
+if [ "$mode" = "full" ]; then runs="$runs,unsloth-padding-free:mix,unsloth-packed-novarlen:mix,hf:mix"; fi
+if [ "$gpus" -ge 2 ]; then runs="$runs,hf-2gpu:full,unsloth-2gpu:full"; fi
 bench bench-1b --shape llama-3.2-1b --runs "$runs" || status=1
+for shape in llama-3.2-1b llama-3.1-8b; do  # the attention kernels alone, one layer over 8 packed rows
+  timeout 300 python3 benchmarks/attention_kernels.py --shape "$shape" --json "$OUT/attention-$shape.json" \
+    > "$OUT/attention-$shape.log" 2>&1 || status=1
+  grep -v '^RESULT' "$OUT/attention-$shape.log" | tail -n 7
+done
 eval_work=$(mktemp -d)
 for backend in hf unsloth; do  # the evaluate step's greedy generation; the 1B model is built once, in the first
   timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/eval_speed.py --shape llama-3.2-1b --backend "$backend" \
@@ -51,8 +61,8 @@ for backend in hf unsloth; do  # the evaluate step's greedy generation; the 1B m
   echo "eval speed, $backend:"; sed -n '/^mode /,/^{/p' "$OUT/eval-1b-$backend.log" | grep -v '^{'
   [ "$rc" = 0 ] || status=1
 done
-if [ "$mode" = "full" ]; then
-  bench bench-8b --shape llama-3.1-8b --runs unsloth --batch 2 --steps 10 --warmup 3 || status=1
-  bench bench-packing --shape llama-3.2-1b --runs unsloth-packed,unsloth,unsloth-padded --data length-mix || status=1
+if [ "$mode" = "full" ]; then  # the 8B shape: full rows at 2 x 2048 against the plain loop, the mix at batch 4
+  bench bench-8b --shape llama-3.1-8b --runs reference@2:full,unsloth@2:full,unsloth@4:mix,reference-trl-packed@4:mix \
+    --steps 10 --warmup 3 || status=1
 fi
 exit "$status"

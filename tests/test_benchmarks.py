@@ -18,8 +18,17 @@ SEQ, BATCH, STEPS = 64, 4, 3
 def result(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     work = tmp_path_factory.mktemp("bench")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--model-dir", str(tiny_model_dir)]
-    cmd += ["--runs", "hf,hf-padded@2,hf-packed", "--seq", str(SEQ), "--batch", str(BATCH), "--steps", str(STEPS)]
-    cmd += ["--warmup", "2", "--profile", "1", "--work", str(work), "--json", str(work / "result.json")]
+    cmd += [
+        "--runs",
+        "hf,hf-padded@2,hf-packed,hf:mix",
+        "--seq",
+        str(SEQ),
+        "--batch",
+        str(BATCH),
+        "--steps",
+        str(STEPS),
+    ]
+    cmd += ["--warmup", "2", "--work", str(work), "--json", str(work / "result.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RESULT {" in proc.stdout and "hf-padded@2" in proc.stdout.split("RESULT")[0]  # the table came first
@@ -28,12 +37,16 @@ def result(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 def test_every_run_counts_the_tokens_of_its_timed_steps(result: dict) -> None:
     runs = {r["run"]: r for r in result["runs"]}
-    assert set(runs) == {"hf", "hf-padded@2", "hf-packed"}
+    assert set(runs) == {"hf", "hf-padded@2", "hf-packed", "hf:mix"}
     # Every row is SEQ tokens long, so a step trains batch x SEQ tokens, packed (one example per row) or not.
     assert runs["hf"]["timed_tokens"] == BATCH * SEQ * STEPS
     assert runs["hf-packed"]["timed_tokens"] == BATCH * SEQ * STEPS
     assert runs["hf-padded@2"]["timed_tokens"] == 2 * SEQ * STEPS and runs["hf-padded@2"]["batch"] == 2
+    # The mix: packed rows of up to SEQ tokens, flattened, so no padding is counted and less than a full row may be.
+    assert 0 < runs["hf:mix"]["timed_tokens"] <= BATCH * SEQ * STEPS
     for r in runs.values():
+        # Every run is profiled by default (GPU busy share and kernels a step; both 0 here, on the CPU).
+        assert r["profile"]["steps"] == 3 and {"kernels_per_step", "gpu_busy_fraction"} <= set(r["profile"])
         assert r["tokens_per_s"] == pytest.approx(r["timed_tokens"] / r["seconds"], rel=0.01)
         assert r["backend"] == "hf" and r["timed_steps"] == STEPS and r["profile"]["wall_ms_per_step"] > 0
 
@@ -42,6 +55,10 @@ def test_runs_use_the_batching_they_name(result: dict) -> None:
     runs = {r["run"]: r["trainer_args"] for r in result["runs"]}
     assert runs["hf-packed"]["packing"] and not runs["hf"]["packing"]
     assert runs["hf-padded@2"]["padding_free"] is False
+    # The default decides from the data: full rows stay plain rows, the length mix is packed.
+    data = {r["run"]: r for r in result["runs"]}
+    assert data["hf"]["data"] == "full" and data["hf:mix"]["data"] == "length-mix"
+    assert runs["hf:mix"]["packing"] and data["hf:mix"]["packing"] and data["hf"]["padding_free"] is False
     assert runs["hf"]["logging_nan_inf_filter"] is False  # no host sync per step in the pipeline's own trainer
 
 

@@ -77,17 +77,15 @@ def test_training_with_packing_trains_fewer_fuller_rows(quantized_dir: Path, pre
     assert all(p["loss"] > 0 for p in report["loss_history"])
 
 
-@pytest.mark.parametrize("padding_free", [None, True, False])
-def test_padding_free_setting_reaches_the_trainers_batches(
-    padding_free: bool | None, quantized_dir: Path, prepared_dir: Path, tmp_path: Path
-) -> None:
-    """training.padding_free=true flattens each batch into one row with restarting position ids; null leaves the
-    backend's choice (hf: padded batches)."""
+def train_and_see_first_batch(
+    quantized_dir: Path, prepared_dir: Path, tmp_path: Path, cfg: Any, dataset: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train `cfg` for its steps on the prepared rows (or `dataset`); the report and the first collated batch."""
     from transformers import AutoTokenizer, TrainerCallback
 
     from llmtune import training
     from llmtune.backends import hf
-    from llmtune.config import LoraConfig, TrainingConfig
+    from llmtune.config import LoraConfig
 
     hf.add_lora(quantized_dir, LoraConfig(r=4, alpha=8), tmp_path / "lora")
     model = hf.load_trainable(quantized_dir, tmp_path / "lora", gradient_checkpointing=False)
@@ -98,21 +96,62 @@ def test_padding_free_setting_reaches_the_trainers_batches(
             loader = kwargs["train_dataloader"]
             seen.append(loader.collate_fn(loader.dataset.select(range(3)).to_list()))
 
-    cfg = TrainingConfig(max_steps=2, per_device_train_batch_size=3, logging_steps=1, padding_free=padding_free)
     report = training.train(
         model,
         AutoTokenizer.from_pretrained(prepared_dir / "tokenizer"),
-        load_from_disk(str(prepared_dir / "train")),
+        dataset if dataset is not None else load_from_disk(str(prepared_dir / "train")),
         cfg,
         tmp_path / "work",
         128,
         callbacks=[Batches()],
     )
-    batch = seen[0]
-    assert report["padding_free"] is bool(padding_free)
+    assert all(p["loss"] > 0 for p in report["loss_history"])
+    return report, seen[0]
+
+
+@pytest.mark.parametrize("padding_free", [None, True, False])
+def test_padding_free_setting_reaches_the_trainers_batches(
+    padding_free: bool | None, quantized_dir: Path, prepared_dir: Path, tmp_path: Path
+) -> None:
+    """Without packing, training.padding_free=true flattens each batch into one row with restarting position
+    ids; null leaves the backend's choice (hf: padded batches)."""
+    from llmtune.config import TrainingConfig
+
+    cfg = TrainingConfig(
+        max_steps=2, per_device_train_batch_size=3, logging_steps=1, packing=False, padding_free=padding_free
+    )
+    report, batch = train_and_see_first_batch(quantized_dir, prepared_dir, tmp_path, cfg)
+    assert report["padding_free"] is bool(padding_free) and not report["packing"]
     if padding_free:
         assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
         assert (batch["position_ids"][0] == 0).sum() == 3  # three examples, each starting at position 0
     else:
         assert batch["input_ids"].shape[0] == 3 and "attention_mask" in batch
-    assert all(p["loss"] > 0 for p in report["loss_history"])
+
+
+def test_unset_packing_packs_mixed_lengths(quantized_dir: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    """training.packing=null on instruction data of mixed lengths trains packed, flattened rows."""
+    from llmtune.config import TrainingConfig
+
+    cfg = TrainingConfig(max_steps=2, per_device_train_batch_size=3, logging_steps=1)
+    report, batch = train_and_see_first_batch(quantized_dir, prepared_dir, tmp_path, cfg)
+    assert report["packing"] and report["padding_free"]
+    assert report["rows_after_packing"] < report["train_rows"] / 2
+    assert batch["input_ids"].shape[0] == 1 and (batch["position_ids"][0] == 0).sum() > 3  # 3 rows, many examples
+
+
+def test_unset_packing_keeps_plain_rows_when_lengths_are_equal(
+    quantized_dir: Path, prepared_dir: Path, tmp_path: Path
+) -> None:
+    """Pre-chunked data (every example as long) gains nothing from packing: plain rows, padding-free off."""
+    from datasets import Dataset
+
+    from llmtune.config import TrainingConfig
+
+    rows = load_from_disk(str(prepared_dir / "train")).to_list()
+    shortest = min(len(r["input_ids"]) for r in rows)
+    chunked = Dataset.from_list([{k: r[k][:shortest] for k in ("input_ids", "labels")} for r in rows[:40]])
+    cfg = TrainingConfig(max_steps=2, per_device_train_batch_size=3, logging_steps=1)
+    report, batch = train_and_see_first_batch(quantized_dir, prepared_dir, tmp_path, cfg, dataset=chunked)
+    assert report["packing"] is False and report["padding_free"] is False
+    assert batch["input_ids"].shape == (3, shortest)
