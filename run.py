@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-# name -> what it does (shown in --help). Each lives in pipelines/<name>.py and exposes
-# `launch(cfg, enable_cache) -> int`, which runs it on the local stack and prints its summary.
+# name -> what it does (shown in --help). Each is defined in pipelines/<name>.py and launched by
+# cli.launch.LAUNCHERS[name](cfg, enable_cache), which runs it on the active stack and prints its summary.
 PIPELINES = {
     "finetune": "all six steps: prepare, 4-bit load, LoRA, SFT, evaluate, merge/export",
     "export": "merge, verify, export and publish the adapter of an earlier finetune run (no training)",
@@ -88,70 +88,58 @@ def fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, then run; every error a user can fix (`llmtune.errors.LlmtuneError`, found before the pipeline or
+    inside a step) ends here as one paragraph with exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
+    from llmtune.errors import LlmtuneError
+
+    try:
+        return dispatch(argv)
+    except LlmtuneError as err:
+        return fail(str(err))
+
+
+def dispatch(argv: list[str]) -> int:
     if argv[:1] == ["compare"]:  # a subcommand with its own options, so it goes before the pipeline parser
         quiet_network_env()
-        from pipelines.compare_runs import main as compare_runs
+        from cli.compare_runs import main as compare_runs
 
         return compare_runs(argv[1:])
     args = parse_args(argv)
     os.chdir(ROOT)  # relative paths in configs are relative to the project
     quiet_network_env()
     if args.recipe:
-        os.environ["LLMTUNE_RECIPE"] = args.recipe  # read by pipelines.stack; carried into scheduled runs
+        os.environ["LLMTUNE_RECIPE"] = args.recipe  # read by cli.stack; carried into scheduled runs
     if args.list_schedules or args.remove_schedule:
-        return manage_schedules(args.remove_schedule)
-    from llmtune.config import ConfigError, load_config
+        from cli.schedule import list_schedules, remove_schedule
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        return fail(str(err))
-    from llmtune.backends import import_unsloth_if_used
+        return remove_schedule(args.remove_schedule) if args.remove_schedule else list_schedules()
+    from llmtune.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from llmtune.model import import_unsloth_if_used
 
     import_unsloth_if_used(cfg.model.backend)  # before anything imports transformers, peft or trl
-    from llmtune.preflight import PreflightError, check_inputs
+    from llmtune.preflight import check_inputs
 
-    try:
-        check_inputs(cfg)
-    except PreflightError as err:
-        return fail(str(err))
+    check_inputs(cfg)
     if args.schedule:
-        return schedule_pipeline(args.pipeline, cfg, args.schedule, argv)
+        from cli.schedule import install, without_schedule_options
+
+        return install(args.pipeline, cfg, args.schedule, without_schedule_options(argv))
     return run_pipeline(args.pipeline, cfg, enable_cache=not args.no_cache)
 
 
-def schedule_pipeline(name: str, cfg: object, cron: str, argv: list[str]) -> int:
-    from pipelines.schedule import ScheduleError, install, without_schedule_options
-    from pipelines.stack import RecipeError
-
-    try:
-        return install(name, cfg, cron, without_schedule_options(argv))
-    except (ScheduleError, RecipeError) as err:
-        return fail(str(err))
-
-
-def manage_schedules(remove: str | None) -> int:
-    from pipelines.schedule import list_schedules, remove_schedule
-
-    return remove_schedule(remove) if remove else list_schedules()
-
-
 def run_pipeline(name: str, cfg: object, enable_cache: bool) -> int:
-    import importlib
+    from cli.launch import LAUNCHERS
+    from cli.stack import use_project_stack
+    from llmtune.errors import LlmtuneError
 
-    from pipelines.stack import RecipeError, use_project_stack
-
+    use_project_stack()  # $LLMTUNE_RECIPE's stack, else the local one
     try:
-        use_project_stack()  # $LLMTUNE_RECIPE's stack, else the local one
-    except RecipeError as err:
-        return fail(str(err))
-    from llmtune.config import ConfigError
-
-    try:
-        return int(importlib.import_module(f"pipelines.{name}").launch(cfg, enable_cache))
-    except ConfigError as err:  # e.g. a source run or model version that does not exist
-        return fail(str(err))
+        return LAUNCHERS[name](cfg, enable_cache)  # type: ignore[arg-type]
+    except LlmtuneError:
+        raise
     except Exception as err:  # the step logs above carry the detail; end with one clear line
         print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

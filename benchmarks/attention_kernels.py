@@ -3,7 +3,7 @@
 The batch is --rows packed rows of --seq tokens, filled with examples of the committed length mix
 (`benchmarks/length_mix.py`, median 250 tokens), as TRL's packing makes them; the heads are a published
 shape's (query heads, key/value heads, head dim). Candidates:
-- `varlen`: `llmtune.backends.attention.varlen_with_gqa`, torch's varlen FlashAttention over the whole batch
+- `varlen`: `llmtune.model.attention.varlen_with_gqa`, torch's varlen FlashAttention over the whole batch
   (key/value heads expanded where torch has no enable_gqa), what the pipeline uses;
 - `flex`: torch's flex_attention (compiled) with a document causal block mask, grouped-query native;
 - `sdpa-block-mask`: SDPA with a dense block-diagonal mask over each row (transformers' SDPA path);
@@ -61,7 +61,7 @@ def candidates(lengths: list[list[int]]) -> dict[str, Callable[..., Any]]:
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from llmtune.backends.attention import varlen_with_gqa
+    from llmtune.model.attention import varlen_with_gqa
 
     flat = [n for row in lengths for n in row]
     bounds = torch.tensor([0, *flat], device="cuda").cumsum(0, dtype=torch.int32)
@@ -92,8 +92,9 @@ def candidates(lengths: list[list[int]]) -> dict[str, Callable[..., Any]]:
             parts = zip(q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
             outs = []
             for i, (a, b, c) in enumerate(parts):
-                mask = {"attn_mask": causal_masks[i][None]} if causal_masks else {"is_causal": True}
-                outs.append(F.scaled_dot_product_attention(*map(by_head, (a, b, c)), enable_gqa=True, **mask))
+                mask = causal_masks[i][None] if causal_masks else None
+                q4, k4, v4 = map(by_head, (a, b, c))
+                outs.append(F.scaled_dot_product_attention(q4, k4, v4, mask, is_causal=mask is None, enable_gqa=True))
             return torch.cat([o[0].transpose(0, 1) for o in outs])
 
         return run

@@ -9,7 +9,7 @@ a random-init model of the published shape, built on the GPU, with the demo toke
 with a LoRA adapter through the chosen backend's `load_quantized`, `add_lora` and `load_for_inference`
 (what the load_base_model, inject_lora and evaluate steps call; `unsloth` is Unsloth's fast inference path),
 renders eval prompts from the demo data with the training template, and times
-`llmtune.evaluation.generate_answers` in up to three modes: one prompt at a time without the KV cache
+`llmtune.evaluate.scoring.generate_answers` in up to three modes: one prompt at a time without the KV cache
 (`sequential-nocache`), one at a time with it (`sequential`), and batched with left padding and the KV cache
 (`batched`, what the evaluate step does). On a GPU one untimed batch goes first (kernel set-up). Greedy
 decoding gives every mode the same answers up to floating-point ties (checked and reported). Prints a table
@@ -34,8 +34,8 @@ MODES = {"sequential-nocache": (False, False), "sequential": (False, True), "bat
 
 def build_base(shape: str, work: Path, rows: list[dict[str, str]]) -> Path:
     """The 16-bit base model folder (with its tokenizer): the tiny or demo Llama, or a random 1B of the real shape."""
+    from benchmarks.model_shapes import build_random_llama
     from llmtune.demo import build_demo_model, build_demo_tokenizer
-    from llmtune.gpu import build_random_llama
 
     if (work / "base" / "config.json").is_file():
         return work / "base"  # built by an earlier run with the same --work (the other backend)
@@ -49,9 +49,9 @@ def build(shape: str, backend_name: str, work: Path, prompts: int) -> tuple[Any,
     from transformers import AutoTokenizer
 
     from llmtune import data
-    from llmtune.backends import resolve_backend
     from llmtune.config import DataConfig, LoraConfig, ModelConfig
     from llmtune.demo import make_demo_rows, write_jsonl
+    from llmtune.model import resolve_backend
 
     backend = resolve_backend(backend_name)
     rows = make_demo_rows(max(400, prompts * 12), seed=1)
@@ -67,7 +67,7 @@ def build(shape: str, backend_name: str, work: Path, prompts: int) -> tuple[Any,
 
 
 def time_mode(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch: int, cache: bool) -> dict:
-    from llmtune.evaluation import generate_answers
+    from llmtune.evaluate.scoring import generate_answers
 
     start = time.perf_counter()
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch, use_cache=cache)
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from llmtune.backends import import_unsloth_if_used
+    from llmtune.model import import_unsloth_if_used
 
     import_unsloth_if_used(args.backend)  # before transformers, peft and trl, as the CLI does
     import torch

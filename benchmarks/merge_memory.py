@@ -2,7 +2,7 @@
 
 A random-init model of that shape (hidden 2048, intermediate 8192, 16 layers, 32 heads, 8 KV heads,
 vocab 128256, tied embeddings) is saved in bfloat16 with a random rank-16 LoRA adapter on every linear
-projection; then a fresh process merges them with `llmtune.export.merge_streaming` and reports its peak
+projection; then a fresh process merges them with `llmtune.release.merge.merge_streaming` and reports its peak
 resident set (VmHWM, Linux), which includes the interpreter and torch. Needs ~7 GB of disk and ~3 GB of RAM
 (to build the model); the merge itself is what is measured.
 
@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_32_1B = {
+LLAMA_32_1B: dict[str, Any] = {
     "hidden_size": 2048,
     "intermediate_size": 8192,
     "num_hidden_layers": 16,
@@ -81,11 +82,11 @@ def peak_rss() -> int:
 def merge_child(base: str, adapter: str, out: str) -> None:
     """Runs in a fresh process: import, note the RSS, merge, print the peak RSS as JSON."""
     sys.path.insert(0, str(ROOT))
-    from llmtune import export
+    from llmtune.release import merge
 
     baseline = peak_rss()
     started = time.perf_counter()
-    info = export.merge_streaming(base, adapter, out, "bfloat16", max_shard_size="2GB")
+    info = merge.merge_streaming(base, adapter, out, "bfloat16", max_shard_size="2GB")
     peak = peak_rss()
     print(json.dumps({"baseline_rss": baseline, "peak_rss": peak, "seconds": time.perf_counter() - started, **info}))
 
@@ -111,7 +112,7 @@ def main() -> None:
         text=True,
         check=True,
     )
-    result = {"model": "Llama-3.2-1B shape (random init)", "bf16_checkpoint_bytes": weights}
+    result: dict[str, Any] = {"model": "Llama-3.2-1B shape (random init)", "bf16_checkpoint_bytes": weights}
     result |= json.loads(child.stdout.strip().splitlines()[-1])
     result["peak_rss_over_bf16_size"] = round(result["peak_rss"] / weights, 3)
     result["merge_rss_over_bf16_size"] = round((result["peak_rss"] - result["baseline_rss"]) / weights, 3)

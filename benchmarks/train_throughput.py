@@ -1,10 +1,10 @@
 """Training throughput of the pipeline's train_sft code path, per backend, on a published model shape.
 
 Each run goes through what the pipeline's steps do: `backend.load_quantized` (load_base_model),
-`backend.add_lora` (inject_lora), then `backend.load_trainable` + `llmtune.training.train` (train_sft),
+`backend.add_lora` (inject_lora), then `backend.load_trainable` + `llmtune.train.sft.train` (train_sft),
 on a random-init model of the published shape and synthetic token data. A run name ending in `-<N>gpu`
 (`hf-2gpu`, `unsloth-2gpu`) trains data-parallel on N GPUs through the same path with `training.num_gpus=N`
-(`llmtune.distributed`: accelerate launch, one process per GPU, batch --batch per GPU) and is compared
+(`llmtune.train.distributed`: accelerate launch, one process per GPU, batch --batch per GPU) and is compared
 with its one-GPU run; one-GPU runs see only the first GPU. `reference` is a minimal
 plain-Unsloth loop (FastLanguageModel 4-bit + get_peft_model + a bare PyTorch AdamW loop) on the same
 model, data and settings, the yardstick for the pipeline's unsloth path. Each run is its own
@@ -13,7 +13,7 @@ subprocess, because importing unsloth patches transformers for the whole process
 Steps are timed between two synchronised points (after the warm-up steps and after the last timed step), so
 the measurement adds no host-device sync inside the steps it times; trained tokens (ids that are not padding)
 are counted on the GPU by a hook on the input embedding. Printed per run: trained tokens/s, peak GPU memory
-(allocated, from the start of training), MFU: model FLOPs (`llmtune.gpu.lora_training_flops`) per second
+(allocated, from the start of training), MFU: model FLOPs (`benchmarks.model_shapes.lora_training_flops`) per second
 over a bf16 matmul ceiling measured at the start of the same invocation, the warm-up time and, with
 --profile N, how busy the GPU was over N more steps. Then a table, the target checks, and one JSON line
 (also written to --json). The CPU runs it too (tiny model via --model-dir, for tests).
@@ -75,7 +75,7 @@ RUNS = {
     "unsloth-packed-novarlen": Run("unsloth", "packed", varlen=False),
     # Diagnostics, not the pipeline as shipped:
     # the model built as the reference builds it (bf16 load quantized on the fly, get_peft_model), trained by
-    # llmtune.training.train: tells the model's construction apart from the training loop;
+    # llmtune.train.sft.train: tells the model's construction apart from the training loop;
     "unsloth-fresh": Run("unsloth", diagnostic="fresh"),
     # train() with the model's own fused loss instead of TRL's fused LM head (which also computes entropy
     # and top-1 accuracy each step);
@@ -190,7 +190,7 @@ def build_model(shape: str, out: Path) -> Path:
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]);"
             "from llmtune.demo import build_demo_tokenizer, make_demo_rows;"
-            "from llmtune.gpu import build_random_llama;"
+            "from benchmarks.model_shapes import build_random_llama;"
             "build_random_llama(sys.argv[2], sys.argv[3], build_demo_tokenizer(make_demo_rows(400, seed=0)))"
         )
         started = time.perf_counter()
@@ -202,7 +202,8 @@ def build_model(shape: str, out: Path) -> Path:
 def matmul_ceiling() -> float:
     import torch
 
-    from llmtune.gpu import measure_matmul_tflops, release_cached_memory
+    from benchmarks.model_shapes import measure_matmul_tflops
+    from llmtune.train.memory import release_cached_memory
 
     size = 8192 if torch.cuda.is_available() else 1024  # the CPU (a smoke test of this script) in float32
     value = max(measure_matmul_tflops(size) for _ in range(3))
@@ -371,7 +372,7 @@ def print_table(summary: dict[str, Any]) -> None:
 def run_child(args: argparse.Namespace) -> int:
     run = run_spec(args.child)
     args.batch = run.batch or args.batch
-    from llmtune.backends import import_unsloth_if_used
+    from llmtune.model import import_unsloth_if_used
 
     # Before transformers, peft and trl are imported, as the CLI does.
     import_unsloth_if_used("hf" if run.backend == "hf" else "unsloth")
@@ -429,16 +430,16 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from llmtune import distributed, gpu, training
-    from llmtune.backends import resolve_backend
     from llmtune.config import TrainingConfig
+    from llmtune.model import resolve_backend
+    from llmtune.train import distributed, memory, sft
 
     backend = resolve_backend(run.backend)
     base, adapter = pipeline_artifacts(args, backend)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-", dir=args.work))
     Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(work / "train"))
     AutoTokenizer.from_pretrained(args.model_dir).save_pretrained(str(work / "tokenizer"))
-    gpu.release_cached_memory()
+    memory.release_cached_memory()
     gc_on = run.gradient_checkpointing
     if gc_on is None:
         gc_on = run.backend == "unsloth" or args.hf_gradient_checkpointing
@@ -454,7 +455,7 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
         varlen_attention=run.varlen,
         **BATCHING.get(run.batching, {}),
     )
-    install_diagnostic(run, training)
+    install_diagnostic(run, sft)
     set_window(args, work)
     job = distributed.TrainJob(
         backend=run.backend,
@@ -462,7 +463,7 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
         adapter_dir=str(adapter),
         train_dir=str(work / "train"),
         tokenizer_dir=str(work / "tokenizer"),
-        training=cfg.model_dump(),
+        training=cfg,
         max_seq_length=args.seq,
         out_dir=str(work / "trained"),
         callbacks=["benchmarks.train_throughput:step_timer"],
@@ -470,7 +471,7 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
     if run.diagnostic == "fresh":
         report = train_fresh_model(args, job, cfg)
     else:
-        report = distributed.train_adapter(job, run.gpus)
+        report = distributed.train_adapter(job, run.gpus).model_dump()
     timed = json.loads((work / "step_times.json").read_text())
     losses = [p["loss"] for p in report["loss_history"]]
     return measure(
@@ -494,34 +495,34 @@ def set_window(args: argparse.Namespace, work: Path) -> None:
     os.environ[TIMES_ENV] = str(work / "step_times.json")
 
 
-def install_diagnostic(run: Run, training: Any) -> None:
-    """A diagnostic changes one thing in `llmtune.training`, in this process (so: one-GPU runs only)."""
+def install_diagnostic(run: Run, sft: Any) -> None:
+    """A diagnostic changes one thing in `llmtune.train.sft`, in this process (so: one-GPU runs only)."""
     if run.diagnostic == "own-loss":
-        training._fused_lm_head_runs = lambda tensor: False
+        sft._fused_lm_head_runs = lambda tensor: False
     if run.diagnostic == "workers":
-        shipped = training.sft_config
+        shipped = sft.sft_config
 
         def with_workers(*a: Any, **k: Any) -> Any:
-            sft = shipped(*a, **k)
-            sft.dataloader_num_workers, sft.dataloader_pin_memory = 2, True
-            return sft
+            args = shipped(*a, **k)
+            args.dataloader_num_workers, args.dataloader_pin_memory = 2, True
+            return args
 
-        training.sft_config = with_workers
+        sft.sft_config = with_workers
 
 
 def train_fresh_model(args: argparse.Namespace, job: Any, cfg: Any) -> dict[str, Any]:
-    """Diagnostic: the reference's model (see `reference_model`) trained by `llmtune.training.train`."""
+    """Diagnostic: the reference's model (see `reference_model`) trained by `llmtune.train.sft.train`."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from llmtune import gpu, training
+    from llmtune.train import memory, sft
 
     model = reference_model(args)
-    gpu.reset_peak_memory()
+    memory.reset_peak_memory()
     tokenizer = AutoTokenizer.from_pretrained(job.tokenizer_dir)
     callbacks = [step_timer()]
-    report = training.train(model, tokenizer, load_from_disk(job.train_dir), cfg, job.out_dir, args.seq, callbacks)
-    return {**report, "peak_gpu_memory_gib": gpu.peak_memory_gib()}
+    report = sft.train(model, tokenizer, load_from_disk(job.train_dir), cfg, job.out_dir, args.seq, callbacks)
+    return {**report, "peak_gpu_memory_gib": memory.peak_memory_gib()}
 
 
 class Window:
@@ -579,7 +580,7 @@ class Window:
         """The window, with the most GPU memory the allocator reserved (this process's GPU)."""
         import torch
 
-        from llmtune.gpu import GIB
+        from llmtune.train.memory import GIB
 
         (t0, n0), (t1, n1) = self.edges
         reserved = torch.cuda.max_memory_reserved() / GIB if torch.cuda.is_available() else 0.0
@@ -671,7 +672,7 @@ def step_timer() -> Any:
 
 def model_shape(model: Any) -> dict[str, int]:
     """What model FLOPs are computed from: matmul weights (frozen, trainable), layers and hidden size."""
-    from llmtune.gpu import matmul_params
+    from benchmarks.model_shapes import matmul_params
 
     frozen, trainable = matmul_params(model)
     config = model.config
@@ -708,7 +709,7 @@ def measure(
 
 def model_flops(shape: dict[str, int], tokens: int, lengths: list[int]) -> float:
     """Model FLOPs of training on `tokens` tokens drawn from examples of these lengths (see lora_training_flops)."""
-    from llmtune.gpu import lora_training_flops
+    from benchmarks.model_shapes import lora_training_flops
 
     over_all = lora_training_flops(shape["frozen"], shape["layers"], shape["hidden"], lengths, shape["trainable"])
     return over_all * tokens / sum(lengths)
@@ -735,14 +736,14 @@ def run_reference(args: argparse.Namespace, rows: list[list[int]], logging_steps
     """
     import torch
 
-    from llmtune import gpu
+    from llmtune.train import memory
 
     model = reference_model(args)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
-    gpu.release_cached_memory()
-    gpu.reset_peak_memory()
+    memory.release_cached_memory()
+    memory.reset_peak_memory()
     window = Window(args.warmup, args.warmup + args.steps, args.profile)
     losses, tokens = [], 0
     for step in range(total_steps(args)):
@@ -763,7 +764,7 @@ def run_reference(args: argparse.Namespace, rows: list[list[int]], logging_steps
         args,
         timed,
         losses,
-        peak_gib=gpu.peak_memory_gib(),
+        peak_gib=memory.peak_memory_gib(),
         backend="unsloth (plain loop)",
         gradient_checkpointing=True,
     )
@@ -776,7 +777,7 @@ def run_reference_trl(args: argparse.Namespace, rows: list[list[int]]) -> dict[s
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from llmtune import gpu
+    from llmtune.train import memory
 
     model = reference_model(args)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child.replace(':', '-')}-", dir=args.work))
@@ -802,8 +803,8 @@ def run_reference_trl(args: argparse.Namespace, rows: list[list[int]]) -> dict[s
         processing_class=AutoTokenizer.from_pretrained(args.model_dir),
         callbacks=[step_timer()],
     )
-    gpu.release_cached_memory()
-    gpu.reset_peak_memory()
+    memory.release_cached_memory()
+    memory.reset_peak_memory()
     trainer.train()
     timed = json.loads((work / "step_times.json").read_text())
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -811,7 +812,7 @@ def run_reference_trl(args: argparse.Namespace, rows: list[list[int]]) -> dict[s
         args,
         timed,
         losses,
-        peak_gib=gpu.peak_memory_gib(),
+        peak_gib=memory.peak_memory_gib(),
         backend="unsloth + TRL SFTTrainer (plain)",
         gradient_checkpointing=True,
         trainer_args=timed.get("trainer_args"),

@@ -1,9 +1,17 @@
-"""The folders that travel between steps. Each is a plain path wrapper; a ZenML materializer copies the
-folder into the artifact store, so steps can run in different processes or containers.
+"""What travels between the steps: one class per artifact kind, each the only place that knows its files.
+
+A folder artifact is a path wrapper whose properties name its parts; a ZenML materializer (steps/) copies
+the folder into the artifact store and back, so steps can run in different processes or containers. The
+training report is a typed record of its own, not a file inside the adapter folder.
 
 Example:
-    >>> Adapter("/tmp/adapter").path
-    '/tmp/adapter'
+    >>> data = PreparedData("/tmp/prepared")
+    >>> str(data.train_dir), str(data.tokenizer_dir)
+    ('/tmp/prepared/train', '/tmp/prepared/tokenizer')
+    >>> Adapter("/tmp/adapter").weights_file.name
+    'adapter_model.safetensors'
+    >>> TrainingReport(final_loss=0.5, first_loss=2.0, train_seconds=9.5, steps=10).loss_fell
+    True
 """
 
 from __future__ import annotations
@@ -13,15 +21,73 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 
 @dataclass(frozen=True)
 class ArtifactDir:
     path: str
 
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
 
 @dataclass(frozen=True)
 class PreparedData(ArtifactDir):
-    """train/ and eval/ (datasets.save_to_disk), eval_prompts.jsonl, tokenizer/, stats.json."""
+    """The prepare step's folder: the train and eval splits (datasets.save_to_disk), the rendered eval prompts
+    with their references, the tokenizer with the chat template used, the statistics and their HTML report."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+    TOKENIZER = "tokenizer"
+    EVAL_PROMPTS = "eval_prompts.jsonl"
+    STATS = "stats.json"
+    REPORT = "report.html"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.file(self.TRAIN)
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.file(self.EVAL)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.file(self.TOKENIZER)
+
+    @property
+    def eval_prompts_file(self) -> Path:
+        return self.file(self.EVAL_PROMPTS)
+
+    @property
+    def stats_file(self) -> Path:
+        return self.file(self.STATS)
+
+    @property
+    def report_file(self) -> Path:
+        return self.file(self.REPORT)
+
+    def stats(self) -> dict[str, Any]:
+        """What the prepare step did (counts, lengths, fingerprint, a marked example)."""
+        return dict(json.loads(self.stats_file.read_text(encoding="utf-8")))
+
+    def eval_prompts(self) -> list[dict[str, str]]:
+        """The rendered eval prompts with their references."""
+        lines = self.eval_prompts_file.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines]
+
+    def tokenizer(self) -> Any:
+        """The training tokenizer (its chat template is the one the data was rendered with)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+
+    def split(self, name: str) -> Any:
+        """The `train` or `eval` split as a datasets.Dataset."""
+        from datasets import load_from_disk
+
+        return load_from_disk(str(self.file(name)))
 
 
 @dataclass(frozen=True)
@@ -31,7 +97,37 @@ class QuantizedBase(ArtifactDir):
 
 @dataclass(frozen=True)
 class Adapter(ArtifactDir):
-    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """A PEFT LoRA adapter folder (save_pretrained: its config and safetensors weights, nothing else)."""
+
+    CONFIG = "adapter_config.json"
+    WEIGHTS = "adapter_model.safetensors"
+
+    @property
+    def config_file(self) -> Path:
+        return self.file(self.CONFIG)
+
+    @property
+    def weights_file(self) -> Path:
+        return self.file(self.WEIGHTS)
+
+    def config(self) -> dict[str, Any]:
+        """The adapter_config.json, after checking the weights are safetensors (a pickle is never read).
+
+        >>> import tempfile
+        >>> Adapter(tempfile.mkdtemp()).config()
+        Traceback (most recent call last):
+        ...
+        llmtune.model.hf.PickleWeightsRefused: ... has no adapter_model.safetensors...
+        """
+        from llmtune.model.hf import PickleWeightsRefused, require_adapter_safetensors
+
+        require_adapter_safetensors(self.path)
+        if not self.config_file.is_file():
+            raise PickleWeightsRefused(
+                f"'{self.path}' has no {self.CONFIG}; a PEFT adapter folder (save_pretrained) has one."
+            )
+        config: dict[str, Any] = json.loads(self.config_file.read_text())
+        return config
 
 
 @dataclass(frozen=True)
@@ -39,22 +135,44 @@ class MergedModel(ArtifactDir):
     """A plain 16-bit transformers model folder with its tokenizer."""
 
 
-def check_adapter_dir(path: str | Path) -> dict[str, Any]:
-    """The adapter_config.json of a PEFT adapter folder, after checking its weights are safetensors.
+class EvalReport(dict[str, Any]):
+    """The evaluate step's output: metrics of base, tuned (and production) plus `samples`, one row per prompt.
 
-    >>> import tempfile
-    >>> check_adapter_dir(tempfile.mkdtemp())
-    Traceback (most recent call last):
-    ...
-    llmtune.backends.hf.PickleWeightsRefused: ... has no adapter_model.safetensors...
+    A plain dict, typed so that ZenML stores it as `FILE` with the samples table as `PAGE` (its dashboard view).
     """
-    from llmtune.backends.hf import PickleWeightsRefused, require_adapter_safetensors
 
-    require_adapter_safetensors(path)
-    config_file = Path(path) / "adapter_config.json"
-    if not config_file.is_file():
-        raise PickleWeightsRefused(
-            f"'{path}' has no adapter_config.json; a PEFT adapter folder (save_pretrained) has one."
-        )
-    config: dict[str, Any] = json.loads(config_file.read_text())
-    return config
+    FILE = "report.json"
+    PAGE = "samples.html"
+
+
+class TrainingReport(BaseModel):
+    """What the train step did: the loss curve, speed, batching and attention path, and where it ran."""
+
+    model_config = ConfigDict(extra="allow")
+
+    loss_history: list[dict[str, float]] = Field(default_factory=list)
+    first_loss: float
+    final_loss: float
+    train_seconds: float
+    steps: int
+    approx_tokens_per_second: float = 0.0
+    resumed_from_step: int = 0
+    packing: bool | None = None
+    padding_free: bool = False
+    attention: str = ""
+    attention_reason: str = ""
+    train_rows: int = 0
+    rows_after_packing: int = 0
+    epochs: float = 0.0
+    data_parallel_processes: int = 1
+    backend: str = ""
+    peak_gpu_memory_gib: float = 0.0
+    hardware: str = Field("", description="The machine that trained (GPU or CPU, torch version).")
+
+    @property
+    def loss_fell(self) -> bool:
+        return self.final_loss < self.first_loss
+
+    def summary(self) -> dict[str, Any]:
+        """Everything but the loss curve: step metadata and the model card."""
+        return self.model_dump(exclude={"loss_history"})

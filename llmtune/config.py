@@ -22,13 +22,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llmtune.errors import LlmtuneError
+
 DEMO_MODEL_PATH = "assets/demo-base"
 DEMO_DATASET_PATH = "data/demo/instructions.jsonl"
 # Fields of our row formats that data.columns may rename (kept here so config has no data-layer import).
 MAPPABLE_COLUMNS = ("instruction", "input", "output", "system", "conversations", "messages", "text", "role", "content")
 
 
-class ConfigError(ValueError):
+class ConfigError(LlmtuneError, ValueError):
     """A configuration problem the user can fix; the message says what to change."""
 
 

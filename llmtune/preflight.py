@@ -14,9 +14,10 @@ from pathlib import Path
 
 from llmtune import data
 from llmtune.config import DEMO_MODEL_PATH, RunConfig
+from llmtune.errors import LlmtuneError
 
 
-class PreflightError(ValueError):
+class PreflightError(LlmtuneError, ValueError):
     """An input the run cannot use; the message names it and what to do."""
 
 

@@ -1,4 +1,4 @@
-"""The `finetune` pipeline: prepare -> 4-bit load -> LoRA -> SFT -> evaluate -> gate, merge/export/publish, promote.
+"""The `finetune` pipeline: prepare -> 4-bit load -> LoRA -> SFT -> evaluate -> promotion gate -> merge/export/publish.
 
 Each step gets only its own config section, so changing a training hyperparameter re-runs
 train_sft and what follows, and reuses the cached data, base model and initial adapter. With
@@ -6,43 +6,38 @@ train_sft and what follows, and reuses the cached data, base model and initial a
 the run's artifacts, scores, gate verdict, merge check and publishing results are attached to it.
 
 The promotion gate (`promotion` section) compares tuned with base and with the model's current
-production version, which `launch` looks up and the evaluate step re-scores on the same held-out
-rows; a run that passes is promoted to `promotion.promote_to`, one that fails is not merged or published.
+production version (`champion`, looked up by the CLI before the run), which the evaluate step
+re-scores on the same held-out rows; a run that passes is released and promoted to
+`promotion.promote_to`, one that fails is not merged or published.
 """
 
 from typing import Any
 
-from zenml import Model, pipeline
+from zenml import pipeline
+from zenml.client import Client
 
-from llmtune.config import ExportConfig, RunConfig
+from llmtune.config import RunConfig
 from llmtune.data import source_fingerprint
-from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepare_dataset, train_sft
+from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepare_dataset, promotion_gate, train_sft
 
 
 @pipeline(name="finetune")
 def finetune(config: dict, champion: dict | None = None, champion_version: str | None = None) -> None:
     cfg = RunConfig.model_validate(config)
-    champion_adapter = champion_adapter_artifact(champion)
     backend = cfg.model.backend
     data = prepared_data(cfg)
     base = load_base_model(cfg.model)
     initial = inject_lora(base, cfg.lora, backend=backend)
-    adapter = train_sft(base, initial, data, cfg.training, backend=backend, max_seq_length=cfg.data.max_seq_length)
+    adapter, training = train_sft(
+        base, initial, data, cfg.training, backend=backend, max_seq_length=cfg.data.max_seq_length
+    )
+    champion_adapter = artifact(champion["adapter_artifact_id"] if champion else None)
     report = evaluate(
         base, adapter, data, cfg.evaluation, backend=backend, champion=champion, champion_adapter=champion_adapter
     )
-    merge_and_push(
-        base,
-        adapter,
-        data,
-        report,
-        cfg.export,
-        model_cfg=cfg.model,
-        resolved_config=cfg.to_yaml(),
-        gate=cfg.promotion,
-        champion_version=champion_version,
-        champion_adapter_id=champion["adapter_artifact_id"] if champion else None,
-    )
+    champion_id = champion["adapter_artifact_id"] if champion else None
+    verdict = promotion_gate(report, adapter, cfg.promotion, champion_version, champion_adapter_id=champion_id)
+    merge_and_push(base, adapter, data, report, training, cfg, verdict=verdict)
 
 
 def prepared_data(cfg: RunConfig) -> Any:
@@ -55,44 +50,6 @@ def prepared_data(cfg: RunConfig) -> Any:
     )
 
 
-def champion_adapter_artifact(champion: dict | None) -> Any:
-    """The production version's adapter artifact, when it is to be re-scored (see pipelines.sources.Champion)."""
-    if not champion or not champion.get("adapter_artifact_id"):
-        return None
-    from zenml.client import Client
-
-    return Client().get_artifact_version(champion["adapter_artifact_id"])
-
-
-def zenml_model(cfg: RunConfig, version: str | int | None = None) -> Model | None:
-    """The ZenML Model a run joins (a new version unless `version` names one), or None when unset."""
-    export: ExportConfig = cfg.export
-    if not export.zenml_model:
-        return None
-    return Model(
-        name=export.zenml_model,
-        version=version,
-        description=f"QLoRA fine-tunes of {cfg.model.name} on {cfg.data.source} (llmtune).",
-        tags=["llmtune", "qlora"],
-    )
-
-
-def launch(cfg: RunConfig, enable_cache: bool) -> int:
-    """Run `finetune` on the active stack and print the end-of-run summary; the CLI's entry point."""
-    from pipelines.sources import find_champion
-    from pipelines.stack import run_options
-    from pipelines.summary import print_summary
-
-    # run_options: a cloud recipe's run config (Docker image, GPU only for the steps that need one)
-    options = {"enable_cache": enable_cache, "model": zenml_model(cfg), **run_options()}
-    champion = find_champion(cfg)
-    if champion is not None:
-        how = "re-scored on this run's eval rows" if champion.adapter else "its recorded scores (another base)"
-        print(f"Promotion gate: production is version {champion.version}, {how}.", flush=True)
-    run = finetune.with_options(**options)(
-        config=cfg.model_dump(),
-        champion=champion.describe() if champion else None,
-        champion_version=champion.version if champion else None,
-    )
-    print_summary(run.id)
-    return 0
+def artifact(artifact_id: str | None) -> Any:
+    """An artifact version from the store by id (a step input from an earlier run), or None."""
+    return Client().get_artifact_version(artifact_id) if artifact_id else None

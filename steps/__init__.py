@@ -7,6 +7,7 @@ from steps.inject_lora import inject_lora
 from steps.load_base_model import load_base_model
 from steps.merge_and_push import merge_and_push
 from steps.prepare_dataset import prepare_dataset
+from steps.promotion_gate import promotion_gate
 from steps.train_sft import train_sft
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "load_base_model",
     "merge_and_push",
     "prepare_dataset",
+    "promotion_gate",
     "train_sft",
 ]

@@ -1,20 +1,14 @@
 """Step 5: score base (adapter off) and tuned (adapter on) on the same held-out rows; log the samples table."""
 
-from pathlib import Path
 from typing import Annotated, Any
 
-import mlflow
-from datasets import load_from_disk
-from transformers import AutoTokenizer
-from zenml import get_step_context, log_metadata, step
+from zenml import step
 
-from llmtune import evaluation, judge
-from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
-from llmtune.backends import resolve_backend
+from llmtune.artifacts import Adapter, EvalReport, PreparedData, QuantizedBase
 from llmtune.config import EvaluationConfig
-from llmtune.data import read_eval_prompts
-from llmtune.evaluation import EvalReport
-from steps._record import record, section_params
+from llmtune.evaluate import judge, scoring
+from llmtune.model import resolve_backend
+from steps import tracking
 
 
 @step(experiment_tracker=True)
@@ -29,16 +23,14 @@ def evaluate(
 ) -> Annotated[EvalReport, "eval_report"]:
     """Base vs tuned; with `champion` (the model's production version) it is scored too, for the promotion gate.
 
-    `champion` is `pipelines.sources.Champion.describe()`; `champion_adapter` its adapter when it was
+    `champion` is `cli.sources.Champion.describe()`; `champion_adapter` its adapter when it was
     trained on the same base (re-scored on these rows), else its recorded scores are carried over.
     The champion's version number is not an input here (see `describe`); the gate gets it.
     """
     model = resolve_backend(backend).load_for_inference(base.path, adapter.path)
-    tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-    prompts = read_eval_prompts(data.path)
-    rows = load_from_disk(str(Path(data.path) / "eval"))
+    tokenizer, prompts, rows = data.tokenizer(), data.eval_prompts(), data.split(PreparedData.EVAL)
     rescore = champion_adapter.path if champion_adapter is not None else None
-    report = evaluation.compare(model, tokenizer, rows, prompts, cfg, champion_adapter=rescore)
+    report = scoring.compare(model, tokenizer, rows, prompts, cfg, champion_adapter=rescore)
     if champion is not None:
         report["champion_scored_on"] = "these eval rows" if rescore else "its own eval set (recorded)"
         if not rescore:
@@ -50,17 +42,15 @@ def evaluate(
     scores = {
         k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_", "champion_")) and _is_number(v)
     }
-    record(
+    tracking.record(
         metadata={**scores, "tuned_beats_base": report["tuned_beats_base"]},
-        params=section_params("evaluation", cfg),
+        params=tracking.section_params("evaluation", cfg),
         metrics=scores,
     )
-    if get_step_context().model_version is not None:  # every run's model version carries its scores
-        log_metadata(metadata=scores, infer_model=True)
-    if mlflow.active_run() is not None:
-        # The table view in the MLflow UI reads a logged table; the HTML is the same page as the ZenML visualization.
-        mlflow.log_table(evaluation.sample_columns(report), artifact_file="eval_samples.json")
-        mlflow.log_text(evaluation.samples_html(report), "eval_samples.html")
+    tracking.on_model_version(scores)  # every run's model version carries its scores
+    # The table view in the MLflow UI reads a logged table; the HTML is the same page as the ZenML visualization.
+    tracking.log_table(scoring.sample_columns(report), "eval_samples.json")
+    tracking.log_text(scoring.samples_html(report), "eval_samples.html")
     return report
 
 

@@ -4,13 +4,15 @@ from typing import Annotated
 
 from zenml import step
 
-from llmtune.artifacts import Adapter, check_adapter_dir
-from steps._record import record
+from llmtune.artifacts import Adapter
+from steps import tracking
 
 
 @step
 def import_adapter(path: str, fingerprint: str) -> Annotated[Adapter, "adapter"]:
     """`fingerprint` (a hash of the folder's bytes) is only there so that an edited folder is not a cache hit."""
-    config = check_adapter_dir(path)
-    record(metadata={"adapter_source": path, "adapter_fingerprint": fingerprint, "lora_r": config.get("r", "")})
+    config = Adapter(path).config()
+    tracking.record(
+        metadata={"adapter_source": path, "adapter_fingerprint": fingerprint, "lora_r": config.get("r", "")}
+    )
     return Adapter(path)

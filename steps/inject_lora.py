@@ -5,9 +5,9 @@ import tempfile
 from zenml import step
 
 from llmtune.artifacts import Adapter, QuantizedBase
-from llmtune.backends import resolve_backend
 from llmtune.config import LoraConfig
-from steps._record import record, section_params
+from llmtune.model import resolve_backend
+from steps import tracking
 
 
 @step(experiment_tracker=True)
@@ -15,9 +15,9 @@ def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Adapter:
     chosen = resolve_backend(backend)
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     report = chosen.add_lora(base.path, cfg, out)
-    record(
+    tracking.record(
         metadata={"backend": chosen.NAME, **report},
-        params={**section_params("lora", cfg), "lora.backend_used": chosen.NAME},
+        params={**tracking.section_params("lora", cfg), "lora.backend_used": chosen.NAME},
         metrics={"trainable_params": report["trainable_params"], "total_params": report["total_params"]},
     )
     return Adapter(out)

@@ -5,9 +5,9 @@ import tempfile
 from zenml import step
 
 from llmtune.artifacts import QuantizedBase
-from llmtune.backends import resolve_backend
 from llmtune.config import ModelConfig
-from steps._record import record, section_params
+from llmtune.model import resolve_backend
+from steps import tracking
 
 
 @step(experiment_tracker=True)
@@ -15,8 +15,8 @@ def load_base_model(cfg: ModelConfig) -> QuantizedBase:
     backend = resolve_backend(cfg.backend)
     out = tempfile.mkdtemp(prefix="llmtune-base-")
     report = backend.load_quantized(cfg, out)
-    record(
+    tracking.record(
         metadata={"backend": backend.NAME, **report},
-        params={**section_params("model", cfg), "model.backend_used": backend.NAME},
+        params={**tracking.section_params("model", cfg), "model.backend_used": backend.NAME},
     )
     return QuantizedBase(out)

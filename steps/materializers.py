@@ -11,8 +11,8 @@ from zenml.enums import ArtifactType, VisualizationType
 from zenml.io import fileio
 from zenml.materializers.base_materializer import BaseMaterializer
 
-from llmtune.artifacts import Adapter, ArtifactDir, MergedModel, PreparedData, QuantizedBase
-from llmtune.evaluation import EvalReport, samples_html
+from llmtune.artifacts import Adapter, ArtifactDir, EvalReport, MergedModel, PreparedData, QuantizedBase
+from llmtune.evaluate.scoring import samples_html
 
 
 class _DirectoryIO:
@@ -49,7 +49,7 @@ class DataDirMaterializer(_DirectoryIO, BaseMaterializer):
 
     def save_visualizations(self, data: PreparedData) -> dict[str, VisualizationType]:
         """The preparation report (counts, token-length histogram, a marked example) in the dashboard."""
-        report = os.path.join(self.uri, "report.html")
+        report = os.path.join(self.uri, PreparedData.REPORT)
         return {report: VisualizationType.HTML} if fileio.exists(report) else {}
 
 
@@ -65,15 +65,15 @@ class EvalReportMaterializer(BaseMaterializer):
     ASSOCIATED_ARTIFACT_TYPE: ClassVar[ArtifactType] = ArtifactType.DATA_ANALYSIS
 
     def load(self, data_type: type[Any]) -> EvalReport:
-        with fileio.open(os.path.join(self.uri, "report.json"), "r") as f:
+        with fileio.open(os.path.join(self.uri, EvalReport.FILE), "r") as f:
             return EvalReport(json.loads(f.read()))
 
     def save(self, data: EvalReport) -> None:
-        with fileio.open(os.path.join(self.uri, "report.json"), "w") as f:
+        with fileio.open(os.path.join(self.uri, EvalReport.FILE), "w") as f:
             f.write(json.dumps(data, indent=1))
 
     def save_visualizations(self, data: EvalReport) -> dict[str, VisualizationType]:
-        page = os.path.join(self.uri, "samples.html")
+        page = os.path.join(self.uri, EvalReport.PAGE)
         with fileio.open(page, "w") as f:
             f.write(samples_html(data))
         return {page: VisualizationType.HTML}

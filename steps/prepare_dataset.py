@@ -1,9 +1,7 @@
 """Step 1: read, template, tokenize, mask and split the instruction data; report what was done."""
 
 import tempfile
-from pathlib import Path
 
-import mlflow
 from transformers import AutoTokenizer
 from zenml import step
 
@@ -11,7 +9,7 @@ from llmtune import data
 from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig
 from llmtune.data import report
-from steps._record import record, section_params
+from steps import tracking
 
 
 @step(experiment_tracker=True)
@@ -22,23 +20,22 @@ def prepare_dataset(
     out = tempfile.mkdtemp(prefix="llmtune-data-")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     stats = data.prepare(cfg, tokenizer, out)
-    record(
+    tracking.record(
         metadata={
             **{k: v for k, v in stats.items() if k not in ("example", "length_histogram")},
             "source_fingerprint": source_fingerprint,
         },
         params={
-            **section_params("data", cfg),
+            **tracking.section_params("data", cfg),
             "data.fingerprint": stats["fingerprint"],
             "data.format": stats["format"],
         },
         metrics=_metrics(stats),
     )
-    if mlflow.active_run() is not None:
-        mlflow.log_artifact(str(Path(out) / "report.html"), artifact_path="data")
-        mlflow.log_artifact(str(Path(out) / "stats.json"), artifact_path="data")
-        mlflow.log_artifact(str(report.save_length_plot(stats, Path(out) / "token_lengths.png")), artifact_path="data")
-    return PreparedData(out)
+    prepared = PreparedData(out)
+    plot = report.save_length_plot(stats, prepared.file("token_lengths.png"))
+    tracking.log_files([prepared.report_file, prepared.stats_file, plot], "data")
+    return prepared
 
 
 def _metrics(stats: dict) -> dict[str, float]:

@@ -1,8 +1,9 @@
-"""Step 4: supervised fine-tuning of the adapter with TRL's SFTTrainer; the loss curve goes to MLflow.
+"""Step 4: supervised fine-tuning of the adapter with TRL's SFTTrainer; the loss curve goes to MLflow as it falls.
 
-The backend that trained (hf or unsloth) and the peak GPU memory are recorded on the step and in MLflow.
-A GPU out-of-memory error ends the step with the settings to lower (see `llmtune.gpu.explain_oom`).
-With `training.num_gpus` > 1 training runs data-parallel, one process per GPU (see `llmtune.distributed`).
+The trained adapter and the typed training report (loss curve, speed, batching, attention path, the
+backend and machine that trained) are the step's two outputs. A GPU out-of-memory error ends the step
+with the settings to lower (see `llmtune.train.memory.explain_oom`). With `training.num_gpus` > 1 training
+runs data-parallel, one process per GPU (see `llmtune.train.distributed`).
 """
 
 import hashlib
@@ -11,16 +12,16 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
-import mlflow
 from zenml import step
 from zenml.client import Client
 
-from llmtune import distributed
-from llmtune.artifacts import Adapter, PreparedData, QuantizedBase
-from llmtune.backends import resolve_backend
+from llmtune.artifacts import Adapter, PreparedData, QuantizedBase, TrainingReport
 from llmtune.config import TrainingConfig
-from steps._record import record, section_params
+from llmtune.model import resolve_backend
+from llmtune.train import distributed
+from steps import tracking
 
 
 @step(experiment_tracker=True)
@@ -31,37 +32,37 @@ def train_sft(
     cfg: TrainingConfig,
     backend: str,
     max_seq_length: int,
-) -> Adapter:
+) -> tuple[Annotated[Adapter, "output"], Annotated[TrainingReport, "training_report"]]:
     chosen = resolve_backend(backend)
-    processes = distributed.processes_for(cfg.num_gpus, distributed.visible_gpus())
-    out = Path(tempfile.mkdtemp(prefix="llmtune-adapter-"))
+    out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     job = distributed.TrainJob(
         backend=chosen.NAME,
         base_dir=base.path,
         adapter_dir=initial_adapter.path,
-        train_dir=str(Path(data.path) / "train"),
-        tokenizer_dir=str(Path(data.path) / "tokenizer"),
-        training=cfg.model_dump(),
+        train_dir=str(data.train_dir),
+        tokenizer_dir=str(data.tokenizer_dir),
+        training=cfg,
         max_seq_length=max_seq_length,
-        out_dir=str(out),
+        out_dir=out,
         checkpoint_dir=checkpoint_dir(cfg, base.path, initial_adapter.path, data.path, backend, max_seq_length),
     )
-    # In this process, or with training.num_gpus > 1 one process per GPU; the adapter and report land in `out`.
-    report = distributed.train_adapter(job, processes)
-    record(
-        metadata={k: v for k, v in report.items() if k != "loss_history"},
-        params={**section_params("training", cfg), "training.backend_used": chosen.NAME},
+    processes = distributed.processes_for(cfg.num_gpus, distributed.visible_gpus())
+    report = distributed.train_adapter(job, processes, on_loss=tracking.metric_logger("train_loss"))
+    tracking.record(
+        metadata=report.summary(),
+        params={**tracking.section_params("training", cfg), "training.backend_used": chosen.NAME},
         metrics={
-            "train_seconds": report["train_seconds"],
-            "final_train_loss": report["final_loss"],
-            "peak_gpu_memory_gib": report["peak_gpu_memory_gib"],
+            "train_seconds": report.train_seconds,
+            "final_train_loss": report.final_loss,
+            "peak_gpu_memory_gib": report.peak_gpu_memory_gib,
+            "train_steps": report.steps,
+            "train_epochs": report.epochs,
         },
     )
-    if mlflow.active_run() is not None:
-        mlflow.log_artifacts(str(out), artifact_path="adapter")
+    tracking.log_files([Path(out)], "adapter")
     if job.checkpoint_dir:  # the adapter is stored now; checkpoints are only for resuming
         shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
-    return Adapter(str(out))
+    return Adapter(out), report
 
 
 def checkpoint_dir(cfg: TrainingConfig, *inputs: object) -> str | None:

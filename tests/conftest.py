@@ -40,7 +40,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, demo_rows: list[dic
 
 @pytest.fixture(scope="session")
 def quantized_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    from llmtune.backends import hf
+    from llmtune.model import hf
 
     out = tmp_path_factory.mktemp("base4bit")
     hf.load_quantized(ModelConfig(name=str(tiny_model_dir)), out)

@@ -1,4 +1,4 @@
-"""Attention over flattened batches (`llmtune.backends.attention`): example boundaries from position ids, the
+"""Attention over flattened batches (`llmtune.model.attention`): example boundaries from position ids, the
 transformers implementation against transformers' own block-diagonal SDPA, and the path each setup reports.
 
 The varlen FlashAttention kernel itself needs CUDA: tests/gpu/test_varlen_attention.py compares it with the
@@ -16,7 +16,7 @@ from datasets import load_from_disk
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from llmtune.backends import attention
+from llmtune.model import attention
 from tests.test_packing import per_example_means, token_losses
 
 

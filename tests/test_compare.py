@@ -21,8 +21,7 @@ import pytest
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from llmtune import compare
-from pipelines import compare_runs
+from cli import compare, compare_runs
 
 T0 = 1_790_000_000_000  # start times in ms, one second apart, so "newest first" has one answer
 SHARED = {"lora.r": "16", "data.fingerprint": "df98fa0a2cad179c"}

@@ -20,7 +20,15 @@ from tests.conftest import tiny_run_overrides
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+STEPS = [
+    "prepare_dataset",
+    "load_base_model",
+    "inject_lora",
+    "train_sft",
+    "evaluate",
+    "promotion_gate",
+    "merge_and_push",
+]
 
 
 def start_run(overrides: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -51,7 +59,7 @@ def fresh_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(fresh_store: str, tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def two_runs(fresh_store: str, tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory):
     from zenml.client import Client
 
     overrides = tiny_run_overrides(tiny_model_dir, rows_file, tmp_path_factory.mktemp("out"), max_steps=4)
@@ -63,7 +71,7 @@ def two_runs(fresh_store: str, tiny_model_dir: Path, rows_file: Path, tmp_path_f
     return Client().list_pipeline_runs(sort_by="desc:created", size=10, hydrate=True).items
 
 
-def test_both_runs_complete_all_six_steps(two_runs: list) -> None:  # type: ignore[type-arg]
+def test_both_runs_complete_all_six_steps(two_runs: list) -> None:
     assert len(two_runs) == 2
     for run in two_runs:
         assert run.status.value == "completed"
@@ -71,27 +79,27 @@ def test_both_runs_complete_all_six_steps(two_runs: list) -> None:  # type: igno
     assert two_runs[0].name != two_runs[1].name
 
 
-def test_each_run_has_its_own_artifacts(two_runs: list) -> None:  # type: ignore[type-arg]
+def test_each_run_has_its_own_artifacts(two_runs: list) -> None:
     first, second = ({a.id: a.uri for s in run.steps.values() for a in outputs(s)} for run in two_runs)
-    assert len(first) == len(second) == 7  # six steps; merge_and_push has two outputs
+    assert len(first) == len(second) == 9  # seven steps; train_sft and merge_and_push have two outputs each
     assert not set(first) & set(second), "no artifact version shared"
     assert not set(first.values()) & set(second.values()), "no artifact folder shared"
 
 
-def outputs(step) -> list:  # type: ignore[no-untyped-def, type-arg]
+def outputs(step) -> list:
     return [a for versions in step.outputs.values() for a in (versions if isinstance(versions, list) else [versions])]
 
 
-def test_each_run_has_its_own_complete_mlflow_run(two_runs: list) -> None:  # type: ignore[type-arg]
+def test_each_run_has_its_own_complete_mlflow_run(two_runs: list) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stack import mlflow_tracking_uri, use_local_stack
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri, use_local_stack
+    from cli.summary import mlflow_run_id
 
     use_local_stack()
     ids = [mlflow_run_id(run.name) for run in two_runs]
     assert all(ids) and ids[0] != ids[1]
     client = MlflowClient(tracking_uri=mlflow_tracking_uri())
-    for run_id in ids:
+    for run_id in filter(None, ids):
         assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [2, 4]
         assert {"adapter", "config.yaml"} <= {a.path for a in client.list_artifacts(run_id)}

@@ -1,5 +1,5 @@
 """The ZenML dashboard in a real headless Chromium: start a local ZenML server (`zenml login --local`), run the
-pipeline against it with the tiny model, open the run's page, and find the run, its six steps and the
+pipeline against it with the tiny model, open the run's page, and find the run, its seven steps and the
 prepared dataset.
 
 Needs the Debian packages `chromium` and `chromium-driver` and the `selenium` package (CI installs them: see
@@ -29,7 +29,15 @@ from tests.conftest import tiny_run_overrides
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+STEPS = [
+    "prepare_dataset",
+    "load_base_model",
+    "inject_lora",
+    "train_sft",
+    "evaluate",
+    "promotion_gate",
+    "merge_and_push",
+]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PAGE_TIMEOUT = 90  # seconds: the dashboard is a single-page app that loads data after the page; CI has 2 cores
@@ -90,7 +98,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(server: dict[str, Any], tiny_model_dir: Path, rows_file: Path, tmp_path_factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def pipeline_run(server: dict[str, Any], tiny_model_dir: Path, rows_file: Path, tmp_path_factory) -> dict[str, Any]:
     overrides = tiny_run_overrides(tiny_model_dir, rows_file, tmp_path_factory.mktemp("out"), max_steps=4)
     args = [sys.executable, "run.py", "--pipeline", "finetune", *(a for o in overrides for a in ("--set", o))]
     result = subprocess.run(args, cwd=ROOT, env=server["env"], capture_output=True, text=True, timeout=900)
@@ -157,17 +165,17 @@ def open_panel(driver: Any) -> Any:
     raise AssertionError("no details panel opened")
 
 
-def test_run_page_shows_the_run_and_its_six_steps(run_page: Any, pipeline_run: dict[str, Any]) -> None:
+def test_run_page_shows_the_run_and_its_seven_steps(run_page: Any, pipeline_run: dict[str, Any]) -> None:
     text = wait_for_text(run_page, ["Completed", "Total Steps"])
     assert pipeline_run["name"] in text
     assert all(step in text for step in STEPS)
     assert "finetune" in text
 
 
-def test_run_overview_counts_six_completed_steps(run_page: Any) -> None:
+def test_run_overview_counts_seven_completed_steps(run_page: Any) -> None:
     text = wait_for_text(run_page, ["Total Steps"])
     counts = text.split("Total Steps", 1)[1].split()
-    assert counts[:3] == ["6", "Completed", "6"], counts[:6]
+    assert counts[:3] == ["7", "Completed", "7"], counts[:6]
 
 
 def test_dataset_artifact_opens_with_its_producer_and_metadata(run_page: Any) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmtune import distributed
+from llmtune.artifacts import TrainingReport
 from llmtune.config import LoraConfig, TrainingConfig
+from llmtune.train import distributed
 
 RANKS_ENV = "LLMTUNE_TEST_RANKS_DIR"
 
@@ -41,7 +42,7 @@ def test_launch_command_is_what_accelerate_launch_parses_as_our_worker(tmp_path:
     args = launch_command_parser().parse_args(cmd[3:])
     assert args.multi_gpu and args.num_processes == 3 and args.num_machines == 1
     assert args.main_process_port == 29555 and args.module
-    assert args.training_script == "llmtune.distributed"
+    assert args.training_script == "llmtune.train.distributed"
     assert args.training_script_args == [str(tmp_path / "job.json")]
 
 
@@ -53,7 +54,7 @@ def test_job_round_trips_through_its_file(tmp_path: Path) -> None:
 def test_a_rank_that_fails_leaves_its_error_for_the_launcher(
     tmp_path: Path, quantized_dir: Path, prepared_dir: Path
 ) -> None:
-    from llmtune.training import TrainingError
+    from llmtune.train.sft import TrainingError
 
     missing = tmp_path / "no-such-adapter"
     job = make_job(tmp_path, prepared_dir, missing, TrainingConfig(max_steps=1), base_dir=quantized_dir)
@@ -66,7 +67,7 @@ def test_a_rank_that_fails_leaves_its_error_for_the_launcher(
 
 
 def test_out_of_memory_on_any_rank_comes_back_as_gpu_out_of_memory(tmp_path: Path) -> None:
-    from llmtune.gpu import GpuOutOfMemory
+    from llmtune.train.memory import GpuOutOfMemory
 
     (tmp_path / "error-rank-0.json").write_text(json.dumps(error_record(0, "NCCL: peer exited", oom=False)))
     advice = "The GPU ran out of memory during training. Lower one of these and run again: ..."
@@ -80,24 +81,29 @@ def test_a_launch_that_dies_without_a_record_reports_its_last_output(tmp_path: P
     assert "exited with code -9" in str(error) and str(error).endswith("loading\nKilled")
 
 
-def test_loss_curve_of_the_workers_goes_to_the_active_mlflow_run(tmp_path: Path) -> None:
+def test_the_steps_loss_logger_writes_the_curve_to_the_active_mlflow_run(tmp_path: Path) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from steps.tracking import metric_logger
+
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
+    log = metric_logger("train_loss")
     try:
+        log(9.0, 1)  # no active run: nothing happens
         with mlflow.start_run() as run:
-            distributed.log_loss_curve([{"step": 2, "loss": 3.0}, {"step": 4, "loss": 2.5}])
+            log(3.0, 2)
+            log(2.5, 4)
     finally:
-        mlflow.set_tracking_uri(None)
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to the default store
     history = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(2, 3.0), (4, 2.5)]
 
 
 @pytest.fixture(scope="module")
 def initial_adapter(tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path) -> Path:
-    from llmtune.backends import hf
+    from llmtune.model import hf
 
     out = tmp_path_factory.mktemp("adapter0")
     hf.add_lora(quantized_dir, LoraConfig(dropout=0.0), out)
@@ -110,17 +116,19 @@ STEPS, BATCH = 4, 4
 @pytest.fixture(scope="module")
 def in_process(
     tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path, prepared_dir: Path, initial_adapter: Path
-):  # type: ignore[no-untyped-def]
+):
     work = tmp_path_factory.mktemp("in-process")
     job = make_job(work, prepared_dir, initial_adapter, tiny_training(), base_dir=quantized_dir)
-    return {"report": distributed.train_adapter(job, processes=1), "out": work / "out"}
+    return {"report": distributed.train_adapter(job, processes=1), "out": work / "out", "job": job}
 
 
 def test_in_process_training_writes_the_adapter_and_report(in_process: dict) -> None:
     report = in_process["report"]
-    assert report["data_parallel_processes"] == 1 and report["backend"] == "hf"
-    assert json.loads((in_process["out"] / "training_report.json").read_text())["steps"] == STEPS
-    assert (in_process["out"] / "adapter_model.safetensors").is_file()
+    assert report.data_parallel_processes == 1 and report.backend == "hf"
+    # the adapter folder holds the adapter alone; the report travels beside it, as its own artifact
+    names = {p.name for p in in_process["out"].iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names and not any("report" in n for n in names)
+    assert TrainingReport.model_validate_json(in_process["job"].report_file.read_text()).steps == STEPS
 
 
 def test_two_processes_train_one_adapter_on_twice_the_rows(
@@ -139,14 +147,16 @@ def test_two_processes_train_one_adapter_on_twice_the_rows(
     (tmp_path / "ranks").mkdir()
     job = make_job(tmp_path, prepared_dir, initial_adapter, tiny_training(), base_dir=quantized_dir)
     job.callbacks = [f"{__name__}:rank_recorder"]
-    report = distributed.train_adapter(job, processes=2)
+    curve: list[tuple[float, int]] = []
+    report = distributed.train_adapter(job, processes=2, on_loss=lambda loss, step: curve.append((loss, step)))
 
     ranks = [json.loads(p.read_text()) for p in sorted((tmp_path / "ranks").glob("rank-*.json"))]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["lora_sum"] == ranks[1]["lora_sum"], "gradients were all-reduced: both ranks hold one adapter"
-    rows = report["train_rows"]
+    rows = report.train_rows
     assert ranks[0]["epoch"] == pytest.approx(STEPS * 2 * BATCH / rows), "each step took BATCH rows per process"
-    assert report["data_parallel_processes"] == 2 and len(report["loss_history"]) == STEPS
+    assert report.data_parallel_processes == 2 and len(report.loss_history) == STEPS
+    assert curve == [(p["loss"], p["step"]) for p in report.loss_history], "rank 0's curve reached the caller"
     # The loss is the token mean over both processes' rows, on the scale of one process's (not divided by 2).
     ratio = mean_loss(report) / mean_loss(in_process["report"])
     assert 0.75 < ratio < 1.33, ratio
@@ -156,16 +166,16 @@ def test_two_processes_train_one_adapter_on_twice_the_rows(
     assert any(not (trained[k] == initial[k]).all() for k in trained if "lora_B" in k)
 
 
-def mean_loss(report: dict) -> float:
-    return sum(p["loss"] for p in report["loss_history"]) / len(report["loss_history"])
+def mean_loss(report: TrainingReport) -> float:
+    return sum(p["loss"] for p in report.loss_history) / len(report.loss_history)
 
 
-def rank_recorder():  # type: ignore[no-untyped-def]
+def rank_recorder():
     """A TrainerCallback that each worker makes from its job's `callbacks`: it writes what its rank saw."""
     from transformers import TrainerCallback
 
     class RankRecorder(TrainerCallback):
-        def on_train_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        def on_train_end(self, args, state, control, model=None, **kwargs):
             rank = int(os.environ["RANK"])
             lora = [p for n, p in model.named_parameters() if "lora_" in n]
             record = {
@@ -202,7 +212,7 @@ def make_job(
         adapter_dir=str(adapter),
         train_dir=str(Path(prepared) / "train"),
         tokenizer_dir=str(Path(prepared) / "tokenizer"),
-        training=cfg.model_dump(),
+        training=cfg,
         max_seq_length=128,
         out_dir=str(tmp_path / "out"),
         callbacks=callbacks or [],

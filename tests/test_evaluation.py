@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from llmtune import evaluation, judge, metrics
 from llmtune.config import EvaluationConfig, LoraConfig, load_config
+from llmtune.evaluate import judge, metrics, scoring
 from tests.conftest import tiny_run_overrides
 from tests.http_fakes import JsonHandler
 
@@ -50,7 +50,7 @@ def test_unknown_metric_and_length_mismatch_are_refused() -> None:
 
 def test_metrics_are_chosen_in_config_and_exact_match_is_always_reported() -> None:
     cfg = load_config(None, ["evaluation.metrics=[chrf]"]).evaluation
-    assert evaluation.report_metrics(cfg) == ["exact_match", "chrf"]
+    assert scoring.report_metrics(cfg) == ["exact_match", "chrf"]
     assert EvaluationConfig().judge_url is None, "the judge is off by default"
 
 
@@ -62,7 +62,7 @@ def tiny_peft(quantized_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """The 4-bit tiny model with a LoRA adapter whose B weights are moved off zero, so tuned differs from base."""
     import torch
 
-    from llmtune.backends import hf
+    from llmtune.model import hf
 
     adapter_dir = tmp_path_factory.mktemp("adapter")
     hf.add_lora(quantized_dir, LoraConfig(r=4, alpha=64), adapter_dir)
@@ -95,15 +95,15 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(
     prompts = [p["prompt"] for p in eval_prompts]
     lengths = {len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}
     assert len(lengths) > 1, "prompts of different lengths, so the batch needs padding"
-    batched = evaluation.generate_answers(tiny_peft, tiny_tokenizer, prompts, max_new_tokens=8, batch_size=6)
-    single = [evaluation.generate_answers(tiny_peft, tiny_tokenizer, [p], 8, 1)[0] for p in prompts]
-    no_cache = evaluation.generate_answers(tiny_peft, tiny_tokenizer, prompts, 8, batch_size=4, use_cache=False)
+    batched = scoring.generate_answers(tiny_peft, tiny_tokenizer, prompts, max_new_tokens=8, batch_size=6)
+    single = [scoring.generate_answers(tiny_peft, tiny_tokenizer, [p], 8, 1)[0] for p in prompts]
+    no_cache = scoring.generate_answers(tiny_peft, tiny_tokenizer, prompts, 8, batch_size=4, use_cache=False)
     assert batched == single == no_cache
     assert tiny_tokenizer.padding_side == "left"
 
 
 def test_length_order_puts_the_longest_prompts_first(tiny_tokenizer: Any) -> None:
-    assert evaluation.length_order(tiny_tokenizer, ["a", "a b c d e f", "a b c"]) == [1, 2, 0]
+    assert scoring.length_order(tiny_tokenizer, ["a", "a b c d e f", "a b c"]) == [1, 2, 0]
 
 
 def test_compare_scores_base_and_tuned_and_builds_the_samples_table(
@@ -112,10 +112,8 @@ def test_compare_scores_base_and_tuned_and_builds_the_samples_table(
     from datasets import load_from_disk
 
     cfg = EvaluationConfig(max_eval_rows=4, num_generation_prompts=5, max_new_tokens=6, batch_size=4)
-    report = evaluation.compare(
-        tiny_peft, tiny_tokenizer, load_from_disk(str(prepared_dir / "eval")), eval_prompts, cfg
-    )
-    assert isinstance(report, evaluation.EvalReport) and report["generation_prompts"] == 5
+    report = scoring.compare(tiny_peft, tiny_tokenizer, load_from_disk(str(prepared_dir / "eval")), eval_prompts, cfg)
+    assert isinstance(report, scoring.EvalReport) and report["generation_prompts"] == 5
     for name in ("base", "tuned"):
         assert {f"{name}_{m}" for m in ("eval_loss", "perplexity", *metrics.METRIC_NAMES)} <= set(report)
     assert report["base_eval_loss"] != report["tuned_eval_loss"], "the adapter is switched off for the base"
@@ -133,12 +131,12 @@ def test_compare_scores_base_and_tuned_and_builds_the_samples_table(
 
 
 def test_samples_html_escapes_text_and_shows_every_column() -> None:
-    report = evaluation.EvalReport(
+    report = scoring.EvalReport(
         base_chrf=0.25,
         tuned_chrf=0.75,
-        samples=evaluation.build_samples(["<b>q</b>"], ["x & y"], ["z"], ["x & y"], ["chrf"]),
+        samples=scoring.build_samples(["<b>q</b>"], ["x & y"], ["z"], ["x & y"], ["chrf"]),
     )
-    page = evaluation.samples_html(report)
+    page = scoring.samples_html(report)
     assert "&lt;b&gt;q&lt;/b&gt;" in page and "<b>q</b>" not in page
     assert "<td>chrf</td><td>0.25</td><td>0.75</td>" in page
     for column in ("prompt", "reference", "base", "tuned", "base_chrf", "tuned_chrf"):
@@ -194,8 +192,8 @@ def test_judge_scores_each_sample_with_the_key_from_the_environment(
     monkeypatch.setenv("MY_JUDGE_KEY", API_KEY)
     client = judge.judge_from_config(judge_cfg(judge_server, judge_api_key_env="MY_JUDGE_KEY"))
     assert client is not None and API_KEY not in repr(client)
-    report = evaluation.EvalReport(
-        samples=evaluation.build_samples(["q1", "q2"], ["4", "ab"], ["5", "ab"], ["4", "ab"], ["exact_match"])
+    report = scoring.EvalReport(
+        samples=scoring.build_samples(["q1", "q2"], ["4", "ab"], ["5", "ab"], ["4", "ab"], ["exact_match"])
     )
     judge.add_judge_scores(report, client)
     assert [s["base_judge"] for s in report["samples"]] == [0.2, 0.9]
@@ -246,8 +244,8 @@ def test_pipeline_logs_samples_table_and_judge_scores_without_the_key(
     from zenml.enums import VisualizationType
 
     import run as cli
-    from pipelines.stack import mlflow_tracking_uri
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import mlflow_run_id
 
     monkeypatch.setenv("LLMTUNE_JUDGE_API_KEY", API_KEY)
     overrides = [
@@ -263,7 +261,7 @@ def test_pipeline_logs_samples_table_and_judge_scores_without_the_key(
     artifact = outputs[0] if isinstance(outputs, list) else outputs
     report = artifact.load()
     assert len(report["samples"]) == 4 and {"base_judge", "tuned_judge", "tuned_bleu"} <= set(report["samples"][0])
-    [visualization] = artifact.visualizations
+    [visualization] = artifact.visualizations or []
     assert visualization.type == VisualizationType.HTML
     page = Path(visualization.uri).read_text()
     assert "<th>tuned_rouge_l</th>" in page and "<th>base_judge</th>" in page

@@ -13,17 +13,17 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-from llmtune import export, model_card, publish
-from llmtune.backends import hf
-from llmtune.config import ExportConfig, LoraConfig, ModelConfig
-from llmtune.data import read_eval_prompts
+from llmtune import release
+from llmtune.artifacts import PreparedData, TrainingReport
+from llmtune.config import ExportConfig, LoraConfig, ModelConfig, RunConfig
+from llmtune.model import hf
+from llmtune.release import card, check, merge, publish, weights
 
 FAKE_TOKEN = "hf_" + "Q7x" * 10  # shaped like a real token, so a leak would be visible
 
@@ -49,41 +49,33 @@ def work(tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path, prepared
         "other_adapter": random_adapter(quantized_dir, root / "a2", seed=2),
         "zero_adapter": root / "a1" / "init",  # LoRA B is zero at init: merging it gives the base alone
         "tokenizer": AutoTokenizer.from_pretrained(prepared_dir / "tokenizer"),
-        "prompts": [p["prompt"] for p in read_eval_prompts(prepared_dir)],
+        "prompts": [p["prompt"] for p in PreparedData(str(prepared_dir)).eval_prompts()],
     }
 
 
-def job(work: dict, tiny_model_dir: Path, quantized_dir: Path, adapter: Path | None = None) -> export.ExportJob:
-    model = ModelConfig(name=str(tiny_model_dir))
-    return export.ExportJob(model, quantized_dir, adapter or work["adapter"], work["tokenizer"], work["prompts"])
-
-
 CFG = ExportConfig(max_shard_size="100KB", formats=["adapter", "merged_16bit", "merged_4bit"], merge_check_prompts=6)
+TRAINED_ON = "8 x NVIDIA H200 (the training machine), torch 2.11"
+
+
+def release_inputs(
+    tiny_model_dir: Path, quantized_dir: Path, prepared_dir: Path, adapter: Path, export_cfg: ExportConfig = CFG
+) -> release.ReleaseInputs:
+    config = RunConfig(model=ModelConfig(name=str(tiny_model_dir)), export=export_cfg)
+    trained = TrainingReport(first_loss=2.0, final_loss=1.0, train_seconds=12.0, steps=8, hardware=TRAINED_ON)
+    scores = {"base_eval_loss": 2.5, "tuned_eval_loss": 1.25, "eval_rows": 24}
+    trail = {"zenml_run": "finetune-test", "zenml_run_id": "r1", "training_run": "finetune-test"}
+    return release.ReleaseInputs(config, quantized_dir, adapter, prepared_dir, scores, trained, trail)
 
 
 @pytest.fixture(scope="module")
-def exported(work: dict, tiny_model_dir: Path, quantized_dir: Path) -> dict:
-    """All three formats of the random adapter, with model cards, as the step writes them."""
-    the_job = job(work, tiny_model_dir, quantized_dir)
-    merged, check = export.merge_and_check(the_job, CFG, work["root"] / "out")
-    folders = export.write_formats(the_job, CFG, merged, work["root"] / "out")
-    facts = model_card.CardFacts(
-        kind="adapter",
-        base_model=str(tiny_model_dir),
-        base_revision=None,
-        repo_id=None,
-        dataset="rows.jsonl",
-        dataset_fingerprint="f1a9e7",
-        resolved_config="export:\n  dtype: bfloat16\n",
-        eval_report={"base_eval_loss": 2.5, "tuned_eval_loss": 1.25, "eval_rows": 24},
-        training_report={"train_seconds": 12.0, "steps": 8},
-        hardware=model_card.describe_hardware(),
-        merge_check=check,
-        trail={"zenml_run": "finetune-test"},
-    )
-    for kind, folder in folders.items():
-        (folder / "README.md").write_text(model_card.render_model_card(replace(facts, kind=kind)))
-    return {"check": check, "folders": folders}
+def exported(work: dict, tiny_model_dir: Path, quantized_dir: Path, prepared_dir: Path) -> dict:
+    """All three formats of the random adapter, with model cards, through the library's release order."""
+    export_cfg = CFG.model_copy(update={"output_dir": str(work["root"] / "local")})
+    inputs = release_inputs(tiny_model_dir, quantized_dir, prepared_dir, work["adapter"], export_cfg)
+    seen: list[dict] = []
+    report = release.release(inputs, release.Destinations(run_name="run-1"), work["root"] / "out", seen.append)
+    assert seen == [report.merge_check], "the check reached the caller before anything was written"
+    return {"check": report.merge_check, "folders": report.folders, "local": report.local}
 
 
 def test_streaming_merge_equals_peft_merge_on_the_16bit_base(work: dict, tiny_model_dir: Path) -> None:
@@ -92,9 +84,9 @@ def test_streaming_merge_equals_peft_merge_on_the_16bit_base(work: dict, tiny_mo
     from transformers import AutoModelForCausalLM
 
     out = work["root"] / "streamed"
-    info = export.merge_streaming(tiny_model_dir, work["adapter"], out, "bfloat16", max_shard_size="100KB")
+    info = merge.merge_streaming(tiny_model_dir, work["adapter"], out, "bfloat16", max_shard_size="100KB")
     assert info["merged_lora_modules"] == 2 * 7 and info["merged_shards"] > 1
-    index = json.loads((out / export.INDEX_FILE).read_text())
+    index = json.loads((out / weights.INDEX_FILE).read_text())
     streamed = {k: v for f in sorted(out.glob("model-*.safetensors")) for k, v in load_file(f).items()}
     assert set(index["weight_map"]) == set(streamed)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -112,7 +104,7 @@ def test_merge_is_onto_the_original_weights_not_the_dequantized_4bit_ones(work: 
     from safetensors.torch import load_file
 
     out = work["root"] / "zero_merge"
-    export.merge_streaming(tiny_model_dir, work["zero_adapter"], out, "bfloat16", max_shard_size="10GB")
+    merge.merge_streaming(tiny_model_dir, work["zero_adapter"], out, "bfloat16", max_shard_size="10GB")
     merged = load_file(out / "model.safetensors")
     original = load_file(tiny_model_dir / "model.safetensors")
     assert all(torch.equal(merged[k], original[k].to(torch.bfloat16)) for k in original)
@@ -129,26 +121,26 @@ def test_merge_check_passes_for_a_correct_merge(exported: dict) -> None:
 
 
 def test_merge_check_refuses_a_merge_that_equals_the_base(
-    work: dict, tiny_model_dir: Path, quantized_dir: Path
+    work: dict, tiny_model_dir: Path, quantized_dir: Path, prepared_dir: Path
 ) -> None:
-    _, check = export.merge_and_check(
-        job(work, tiny_model_dir, quantized_dir, work["zero_adapter"]), CFG, work["root"] / "zero"
-    )
-    assert not check["merge_check_passed"] and check["merge_check_adapter_effect"] == 0.0
-    with pytest.raises(export.MergeCheckFailed, match="cannot be told apart from the base"):
-        export.ensure_passed(check)
+    inputs = release_inputs(tiny_model_dir, quantized_dir, prepared_dir, work["zero_adapter"])
+    seen: list[dict] = []
+    with pytest.raises(release.MergeCheckFailed, match="cannot be told apart from the base"):
+        release.release(inputs, release.Destinations(), work["root"] / "zero", seen.append)
+    assert not seen[0]["merge_check_passed"] and seen[0]["merge_check_adapter_effect"] == 0.0
+    assert not (work["root"] / "zero" / "adapter").exists(), "nothing written after a failed check"
 
 
 def test_merge_check_refuses_a_merged_model_of_another_adapter(
     work: dict, tiny_model_dir: Path, quantized_dir: Path
 ) -> None:
     wrong = work["root"] / "wrong"
-    export.merge_streaming(tiny_model_dir, work["other_adapter"], wrong, "bfloat16")
+    merge.merge_streaming(tiny_model_dir, work["other_adapter"], wrong, "bfloat16")
     work["tokenizer"].save_pretrained(str(wrong))
-    inputs = export.CheckInputs(tiny_model_dir, work["adapter"], None, work["tokenizer"], work["prompts"])
-    check = export.check_merge(wrong, inputs, ExportConfig(merge_check_prompts=4))
-    assert not check["merge_check_passed"]
-    assert check["merge_check_max_logit_gap"] > 0.25 and check["merge_check_greedy_mismatches"] > 0
+    inputs = check.CheckInputs(tiny_model_dir, work["adapter"], None, work["tokenizer"], work["prompts"])
+    result = check.check_merge(wrong, inputs, ExportConfig(merge_check_prompts=4))
+    assert not result["merge_check_passed"]
+    assert result["merge_check_max_logit_gap"] > 0.25 and result["merge_check_greedy_mismatches"] > 0
 
 
 def test_formats_carry_tokenizer_template_card_and_point_at_the_original_base(
@@ -158,12 +150,21 @@ def test_formats_carry_tokenizer_template_card_and_point_at_the_original_base(
     assert {p.name for p in folders.values()} == {"adapter", "merged", "merged-4bit"}
     adapter_config = json.loads((folders["adapter"] / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
-    template = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer").chat_template
+    data = PreparedData(str(prepared_dir))
+    template = data.tokenizer().chat_template
+    fingerprint = data.stats()["fingerprint"]
     for folder in folders.values():
         assert AutoTokenizer.from_pretrained(folder).chat_template == template
-        card = (folder / "README.md").read_text()
-        assert str(tiny_model_dir) in card and "f1a9e7" in card and "| eval_loss | 2.5 | 1.25 |" in card
+        text = (folder / "README.md").read_text()
+        assert str(tiny_model_dir) in text and fingerprint in text and "| eval_loss | 2.5 | 1.25 |" in text
+        # the machine that trained (from the training report), not the one that exported
+        assert f"Hardware: {TRAINED_ON}" in text and "export machine" not in text
+        assert (folder / "llmtune_config.yaml").is_file()
     assert len(list(folders["merged_16bit"].glob("model-*-of-*.safetensors"))) > 1
+    for kind, folder in folders.items():  # copied under export.output_dir/<run> before any push
+        assert (
+            Path(exported["local"][f"{kind}_path"]) == (folder.parents[1] / "local" / "run-1" / folder.name).resolve()
+        )
 
 
 PLAIN_LOAD = r"""
@@ -226,10 +227,10 @@ def test_base_given_as_a_hub_id_is_read_from_the_hub_cache_layout(tiny_model_dir
     (repo / "refs" / "main").write_text(commit)
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_model_dir / name, snapshot / name)
-    found = export.resolve_base_checkpoint(ModelConfig(name="llmtune-test/tiny-llama"), cache_dir=tmp_path)
+    found = weights.resolve_base_checkpoint(ModelConfig(name="llmtune-test/tiny-llama"), cache_dir=tmp_path)
     assert found == snapshot
-    with pytest.raises(export.ExportError, match="Could not get the 16-bit base 'llmtune-test/not-there'"):
-        export.resolve_base_checkpoint(ModelConfig(name="llmtune-test/not-there"), cache_dir=tmp_path)
+    with pytest.raises(weights.ExportError, match="Could not get the 16-bit base 'llmtune-test/not-there'"):
+        weights.resolve_base_checkpoint(ModelConfig(name="llmtune-test/not-there"), cache_dir=tmp_path)
 
 
 def tree_digest(folder: Path) -> str:
@@ -325,7 +326,7 @@ def test_model_card_has_no_token_even_when_one_is_in_the_environment(
     exported: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    facts = model_card.CardFacts(
+    facts = card.CardFacts(
         kind="merged_16bit",
         base_model="org/base",
         base_revision="main",
@@ -338,9 +339,9 @@ def test_model_card_has_no_token_even_when_one_is_in_the_environment(
         hardware="cpu",
         merge_check={},
     )
-    card = model_card.render_model_card(facts)
-    assert FAKE_TOKEN not in card and "[redacted]" in card
-    assert re.search(r"^datasets:\n- org/data$", card, re.M) and 'from_pretrained("me/tuned")' in card
+    text = card.render_model_card(facts)
+    assert FAKE_TOKEN not in text and "[redacted]" in text
+    assert re.search(r"^datasets:\n- org/data$", text, re.M) and 'from_pretrained("me/tuned")' in text
 
 
 # --- the pipelines: finetune exports and registers, `--pipeline export` re-exports without training -------------
@@ -352,7 +353,7 @@ def cli(pipeline: str, overrides: list[str]) -> int:
     return cli_module.main(["--pipeline", pipeline, *(a for o in overrides for a in ("--set", o))])
 
 
-def latest_run(pipeline_name: str):  # type: ignore[no-untyped-def]
+def latest_run(pipeline_name: str):
     from zenml.client import Client
 
     return Client().list_pipeline_runs(pipeline_name=pipeline_name, sort_by="desc:created", size=1).items[0]
@@ -391,7 +392,7 @@ def test_finetune_run_records_the_check_and_registers_a_version(finetuned: dict)
     from mlflow.tracking import MlflowClient
     from zenml.client import Client
 
-    from pipelines.stack import mlflow_tracking_uri
+    from cli.stack import mlflow_tracking_uri
 
     step = finetuned["run"].steps["merge_and_push"]
     assert step.status.value == "completed"

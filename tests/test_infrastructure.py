@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.stack import (
+from cli.stack import (
     RecipeError,
     expand_placeholders,
     recipe_dir,
@@ -26,7 +26,7 @@ from pipelines.stack import (
 RECIPES = ["kubernetes", "sagemaker", "skypilot", "vertex"]
 # The steps that load the 4-bit model and run it through the backend; unsloth needs CUDA for each of them.
 GPU_STEPS = {"load_base_model", "inject_lora", "train_sft", "evaluate"}
-CPU_STEPS = {"prepare_dataset", "merge_and_push"}
+CPU_STEPS = {"prepare_dataset", "promotion_gate", "merge_and_push"}
 COMPONENT_TYPES = {"orchestrator", "artifact_store", "container_registry", "image_builder", "experiment_tracker"}
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,11 +70,12 @@ def test_the_four_recipes_ship() -> None:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_stack_registers_with_every_component_on_its_flavor(recipe: str, registered: dict[str, str]) -> None:
     from zenml.client import Client
+    from zenml.enums import StackComponentType
 
     stack = Client().get_stack(registered[recipe])
     assert set(stack.components) >= COMPONENT_TYPES
     assert all(c[0].flavor_name != "local" for kind, c in stack.components.items() if kind != "image_builder")
-    tracker = stack.components["experiment_tracker"][0]
+    tracker = stack.components[StackComponentType.EXPERIMENT_TRACKER][0]
     assert tracker.flavor_name == "mlflow"
     assert tracker.configuration["tracking_uri"].startswith("https://"), "a remote MLflow tracking server"
     assert register_recipe_stack(recipe, placeholder_values(recipe)) == registered[recipe], "idempotent"
@@ -130,7 +131,7 @@ def test_run_options_point_the_pipeline_at_the_recipe_run_config(recipe: str) ->
 def test_a_step_name_the_pipeline_lacks_is_an_error(
     registered: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pipelines.stack as stack
+    import cli.stack as stack
 
     recipe = tmp_path / "kubernetes"
     recipe.mkdir()

@@ -9,9 +9,9 @@ import torch
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
-from llmtune import training
-from llmtune.backends import hf, resolve_backend
 from llmtune.config import LoraConfig, TrainingConfig
+from llmtune.model import hf, resolve_backend
+from llmtune.train import sft
 
 
 def test_auto_backend_is_hf_without_cuda() -> None:
@@ -24,8 +24,9 @@ def test_base_loads_as_nf4_linear4bit_with_double_quant(quantized_dir: Path) -> 
     model = hf.load_base(quantized_dir)
     proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(proj, bnb.nn.Linear4bit)
-    assert proj.weight.quant_state.quant_type == "nf4"
-    assert proj.weight.quant_state.nested, "double quantization keeps a nested quant state"
+    state = proj.weight.quant_state  # type: ignore[attr-defined]  # a bnb Params4bit
+    assert state.quant_type == "nf4"
+    assert state.nested, "double quantization keeps a nested quant state"
     assert hf.quantization_report(model)["linear4bit_layers"] == 2 * 7
 
 
@@ -47,7 +48,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path, prepa
         lr_scheduler_type="cosine",
     )
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    report = training.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, work / "t", 128)
+    report = sft.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, work / "t", 128)
     model.save_pretrained(str(work / "adapter"))
     return {
         "model": model,
@@ -105,5 +106,5 @@ def test_a_diverged_step_stops_training_with_what_to_change(
         lora_b.fill_(float("nan"))  # every forward now gives a NaN loss, as a diverged run does
     cfg = TrainingConfig(max_steps=3, per_device_train_batch_size=4, logging_steps=1, warmup_steps=0)
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    with pytest.raises(training.TrainingError, match=r"loss became nan at step 1.*learning_rate"):
-        training.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, tmp_path / "t", 128)
+    with pytest.raises(sft.TrainingError, match=r"loss became nan at step 1.*learning_rate"):
+        sft.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, tmp_path / "t", 128)

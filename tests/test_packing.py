@@ -60,16 +60,16 @@ def test_packed_examples_have_the_same_loss_as_unpacked(model: Any, prepared_dir
 def test_training_with_packing_trains_fewer_fuller_rows(quantized_dir: Path, prepared_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from llmtune import training
-    from llmtune.backends import hf
     from llmtune.config import LoraConfig, TrainingConfig
+    from llmtune.model import hf
+    from llmtune.train import sft
 
     adapter = hf.add_lora(quantized_dir, LoraConfig(r=4, alpha=8), prepared_dir / "lora-packing")
     assert adapter
     model = hf.load_trainable(quantized_dir, prepared_dir / "lora-packing", gradient_checkpointing=False)
     dataset = load_from_disk(str(prepared_dir / "train"))
     cfg = TrainingConfig(max_steps=3, packing=True, per_device_train_batch_size=2, logging_steps=1)
-    report = training.train(
+    report = sft.train(
         model, AutoTokenizer.from_pretrained(prepared_dir / "tokenizer"), dataset, cfg, prepared_dir / "work", 128
     )
     assert report["packing"] and report["rows_after_packing"] < report["train_rows"] / 2
@@ -83,9 +83,9 @@ def train_and_see_first_batch(
     """Train `cfg` for its steps on the prepared rows (or `dataset`); the report and the first collated batch."""
     from transformers import AutoTokenizer, TrainerCallback
 
-    from llmtune import training
-    from llmtune.backends import hf
     from llmtune.config import LoraConfig
+    from llmtune.model import hf
+    from llmtune.train import sft
 
     hf.add_lora(quantized_dir, LoraConfig(r=4, alpha=8), tmp_path / "lora")
     model = hf.load_trainable(quantized_dir, tmp_path / "lora", gradient_checkpointing=False)
@@ -96,7 +96,7 @@ def train_and_see_first_batch(
             loader = kwargs["train_dataloader"]
             seen.append(loader.collate_fn(loader.dataset.select(range(3)).to_list()))
 
-    report = training.train(
+    report = sft.train(
         model,
         AutoTokenizer.from_pretrained(prepared_dir / "tokenizer"),
         dataset if dataset is not None else load_from_disk(str(prepared_dir / "train")),

@@ -10,7 +10,15 @@ from tests.conftest import tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
 
-STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+STEPS = [
+    "prepare_dataset",
+    "load_base_model",
+    "inject_lora",
+    "train_sft",
+    "evaluate",
+    "promotion_gate",
+    "merge_and_push",
+]
 
 
 def run(overrides: list[str], *flags: str) -> int:
@@ -19,13 +27,13 @@ def run(overrides: list[str], *flags: str) -> int:
     return cli.main(["--pipeline", "finetune", *flags, *(a for o in overrides for a in ("--set", o))])
 
 
-def last_run():  # type: ignore[no-untyped-def]
+def last_run():
     from zenml.client import Client
 
     return Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
 
 
-def statuses(pipeline_run) -> dict[str, str]:  # type: ignore[no-untyped-def]
+def statuses(pipeline_run) -> dict[str, str]:
     return {name: step.status.value for name, step in pipeline_run.steps.items()}
 
 
@@ -46,8 +54,8 @@ def test_six_steps_complete_in_one_pipeline(first_run: dict) -> None:
 def test_metrics_params_and_artifacts_are_in_mlflow(first_run: dict) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stack import mlflow_tracking_uri
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import mlflow_run_id
 
     run_id = mlflow_run_id(first_run["run"].name)
     assert run_id, "one MLflow run named after the ZenML run"
@@ -84,10 +92,12 @@ def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict)
     # the cached steps logged nothing to this run, yet its MLflow params still cover every config section
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stack import mlflow_tracking_uri
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import mlflow_run_id
 
-    params = MlflowClient(tracking_uri=mlflow_tracking_uri()).get_run(mlflow_run_id(last_run().name)).data.params
+    run_id = mlflow_run_id(last_run().name)
+    assert run_id is not None
+    params = MlflowClient(tracking_uri=mlflow_tracking_uri()).get_run(run_id).data.params
     assert params["training.max_steps"] == "6" and params["lora.r"] == "16"
     assert params["data.source"] == first_run["overrides"][1].split("=", 1)[1]
 

@@ -17,8 +17,8 @@ def test_prepare_pipeline_prints_report_and_logs_it(
     from zenml.enums import VisualizationType
 
     import run as cli
+    from cli.stack import mlflow_tracking_uri
     from llmtune.data import read_stats
-    from pipelines.stack import mlflow_tracking_uri
 
     args = ["--pipeline", "prepare", "--set", f"data.source={rows_file}", "--set", f"model.name={tiny_model_dir}"]
     assert cli.main([*args, "--no-cache"]) == 0  # other tests may have prepared the same data already
@@ -27,16 +27,16 @@ def test_prepare_pipeline_prints_report_and_logs_it(
         assert expected in out
 
     run = Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
-    assert run.pipeline.name == "prepare" and list(run.steps) == ["prepare_dataset"]
+    assert run.pipeline is not None and run.pipeline.name == "prepare" and list(run.steps) == ["prepare_dataset"]
     artifact = run.steps["prepare_dataset"].outputs["output"][0]
-    [visualization] = artifact.visualizations
+    [visualization] = artifact.visualizations or []
     assert visualization.type == VisualizationType.HTML and visualization.uri.endswith("report.html")
     assert "<svg" in Path(visualization.uri).read_text()
 
     client = MlflowClient(tracking_uri=mlflow_tracking_uri())
-    [mlflow_run] = client.search_runs(
-        [client.get_experiment_by_name("prepare").experiment_id], f"tags.mlflow.runName = '{run.name}'"
-    )
+    experiment = client.get_experiment_by_name("prepare")
+    assert experiment is not None
+    [mlflow_run] = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{run.name}'")
     stats = read_stats(artifact.load().path)
     assert mlflow_run.data.params["data.fingerprint"] == stats["fingerprint"]
     assert mlflow_run.data.metrics["data_rows_in"] == 240

@@ -4,11 +4,12 @@ against production, and are re-scored by `--pipeline evaluate` without training.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from llmtune.config import ConfigError, PromotionConfig, load_config
-from llmtune.promotion import decide, gain
+from llmtune.release.promotion import decide, gain
 from tests.conftest import tiny_run_overrides
 
 MODEL = "gate-tiny"
@@ -59,25 +60,25 @@ def cli(pipeline: str, overrides: list[str]) -> int:
     return entry.main(["--pipeline", pipeline, *(a for o in overrides for a in ("--set", o))])
 
 
-def latest_run(pipeline: str):  # type: ignore[no-untyped-def]
+def latest_run(pipeline: str):
     from zenml.client import Client
 
     return Client().list_pipeline_runs(pipeline_name=pipeline, sort_by="desc:created", size=1).items[0]
 
 
-def mlflow_run(name: str, experiment: str = "finetune"):  # type: ignore[no-untyped-def]
+def mlflow_run(name: str, experiment: str = "finetune"):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stack import mlflow_tracking_uri
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import mlflow_run_id
 
     run_id = mlflow_run_id(name, experiment)
     assert run_id
     return MlflowClient(tracking_uri=mlflow_tracking_uri()).get_run(run_id)
 
 
-def eval_report(run):  # type: ignore[no-untyped-def]
-    from pipelines.summary import step_output
+def eval_report(run):
+    from cli.summary import step_output
 
     return step_output(run, "evaluate", "eval_report")
 
@@ -104,7 +105,8 @@ def test_a_passing_run_is_promoted_and_its_version_carries_scores_and_verdict(ch
     production = Client().get_model_version(MODEL, "production")
     assert run.name in production.pipeline_runs
     assert production.run_metadata["gate_passed"] is True
-    assert production.run_metadata["tuned_eval_loss"] < production.run_metadata["base_eval_loss"]
+    scores: dict[str, Any] = dict(production.run_metadata)
+    assert scores["tuned_eval_loss"] < scores["base_eval_loss"]
     assert mlflow_run(run.name).data.tags["llmtune.verdict"] == "promoted"
     assert (champion["out"] / run.name / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -116,8 +118,9 @@ def test_a_rerun_on_unchanged_data_and_config_trains_merges_and_promotes_nothing
     assert cli("finetune", champion["overrides"]) == 0  # what a scheduled run does
     rerun = latest_run("finetune")
     assert rerun.steps["train_sft"].status.value == "cached"
-    step = rerun.steps["merge_and_push"]
+    step = rerun.steps["promotion_gate"]
     assert step.run_metadata["gate_unchanged"] is True and "UNCHANGED" in step.run_metadata["gate_verdict"]
+    step = rerun.steps["merge_and_push"]
     assert "merge_check_passed" not in step.run_metadata, "nothing merged"
     assert not (champion["out"] / rerun.name).exists(), "nothing exported"
     production = Client().get_model_version(MODEL, "production")
@@ -149,10 +152,11 @@ def test_a_run_worse_than_production_is_rejected_and_neither_merged_nor_promoted
     assert report["champion_eval_loss"] == pytest.approx(eval_report(champion["run"])["tuned_eval_loss"], abs=1e-4)
     assert report["champion_scored_on"] == "these eval rows"
     assert {"champion", "prompt", "tuned"} <= set(report["samples"][0])
+    gate = challenger["run"].steps["promotion_gate"]
+    assert gate.run_metadata["gate_passed"] is False
+    assert "falls behind production version" in gate.run_metadata["gate_verdict"]
     step = challenger["run"].steps["merge_and_push"]
     assert step.status.value == "completed"
-    assert step.run_metadata["gate_passed"] is False
-    assert "falls behind production version" in step.run_metadata["gate_verdict"]
     assert "merge_check_passed" not in step.run_metadata, "the gate stops the step before any merge"
     assert not (champion["out"] / challenger["run"].name).exists(), "nothing exported"
     production = Client().get_model_version(MODEL, "production")

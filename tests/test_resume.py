@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_killed_training_resumes_from_last_checkpoint(tiny_model_dir: Path, rows
 
     assert cli.main(args) == 0
     run = Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
-    metadata = run.steps["train_sft"].run_metadata
+    metadata: dict[str, Any] = dict(run.steps["train_sft"].run_metadata)
     assert metadata["resumed_from_step"] >= saved >= 5, "resumed from the last checkpoint, not from scratch"
     assert metadata["steps"] == 80
     assert [run.steps[s].status.value for s in ("prepare_dataset", "load_base_model", "inject_lora")] == ["cached"] * 3

@@ -24,7 +24,15 @@ pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER = "0 0 30 2 *"
-STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+STEPS = [
+    "prepare_dataset",
+    "load_base_model",
+    "inject_lora",
+    "train_sft",
+    "evaluate",
+    "promotion_gate",
+    "merge_and_push",
+]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -39,7 +47,7 @@ def run_like_cron(command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=600)
 
 
-def latest_run():  # type: ignore[no-untyped-def]
+def latest_run():
     from zenml.client import Client
 
     return Client().list_pipeline_runs(sort_by="desc:created", size=1, hydrate=True).items[0]
@@ -55,7 +63,7 @@ def schedule(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.Tem
         if os.environ.get("LLMTUNE_REQUIRE_TOOLS"):
             pytest.fail("crontab is missing; CI installs the Debian package `cron` (see .ci/run)")
         pytest.skip("crontab is not installed (Debian: apt-get install cron)")
-    from pipelines.schedule import cron_entries
+    from cli.schedule import cron_entries
 
     data = tmp_path_factory.mktemp("scheduled") / "rows.jsonl"
     shutil.copy(rows_file, data)
@@ -102,7 +110,7 @@ def test_scheduled_run_retrains_after_the_data_changes(schedule: dict) -> None:
 
 
 def test_schedule_is_removed_through_the_cli(schedule: dict) -> None:
-    from pipelines.schedule import cron_entries
+    from cli.schedule import cron_entries
 
     removed = cli("--remove-schedule", schedule["entry"].name)
     assert removed.returncode == 0, removed.stderr
@@ -118,8 +126,8 @@ def test_bad_cron_expression_fails_before_anything_is_installed(tiny_model_dir: 
 
 
 def test_module_examples_hold() -> None:
-    import pipelines.schedule
-    import pipelines.stack
+    import cli.schedule
+    import cli.stack
 
-    for module in (pipelines.schedule, pipelines.stack):
+    for module in (cli.schedule, cli.stack):
         assert doctest.testmod(module).failed == 0, module.__name__

@@ -314,8 +314,8 @@ def test_both_secrets_were_really_used(planted_run: dict[str, Any]) -> None:
 def test_no_secret_in_mlflow(planted_run: dict[str, Any], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stack import mlflow_tracking_uri, use_local_stack
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri, use_local_stack
+    from cli.summary import mlflow_run_id
 
     use_local_stack()
     uri = mlflow_tracking_uri()
@@ -423,8 +423,8 @@ def pickle_only_adapter(quantized_dir: Path, tmp_path_factory: pytest.TempPathFa
     import torch
     from safetensors.torch import load_file
 
-    from llmtune.backends import hf
     from llmtune.config import LoraConfig
+    from llmtune.model import hf
 
     folder = tmp_path_factory.mktemp("pickle-adapter")
     hf.add_lora(quantized_dir, LoraConfig(r=4), folder)
@@ -435,16 +435,16 @@ def pickle_only_adapter(quantized_dir: Path, tmp_path_factory: pytest.TempPathFa
 
 
 def test_base_model_with_only_pickle_weights_is_refused(pickle_only_model: Path, tmp_path: Path) -> None:
-    from llmtune import export
-    from llmtune.backends import hf
     from llmtune.config import ModelConfig
+    from llmtune.model import hf
+    from llmtune.release import weights
 
     cfg = ModelConfig(name=str(pickle_only_model))
     with pytest.raises(hf.PickleWeightsRefused, match=r"has no model\.safetensors.*it has pytorch_model\.bin"):
         hf.load_quantized(cfg, tmp_path / "q")
     assert not (tmp_path / "q").exists()
     with pytest.raises(hf.PickleWeightsRefused, match="safetensors only"):
-        export.resolve_base_checkpoint(cfg)  # the export's 16-bit base
+        weights.resolve_base_checkpoint(cfg)  # the export's 16-bit base
     with pytest.raises(hf.PickleWeightsRefused, match="safetensors only"):
         hf.load_base(pickle_only_model)
 
@@ -458,8 +458,8 @@ def test_transformers_itself_refuses_pickle_weights_with_use_safetensors(pickle_
 
 
 def test_adapter_with_only_pickle_weights_is_refused(pickle_only_adapter: Path, quantized_dir: Path) -> None:
-    from llmtune import export
-    from llmtune.backends import hf
+    from llmtune.model import hf
+    from llmtune.release import merge
 
     pattern = r"has no adapter_model\.safetensors \(it has adapter_model\.bin\)"
     with pytest.raises(hf.PickleWeightsRefused, match=pattern):
@@ -467,7 +467,7 @@ def test_adapter_with_only_pickle_weights_is_refused(pickle_only_adapter: Path, 
     with pytest.raises(hf.PickleWeightsRefused, match=pattern):
         hf.load_trainable(quantized_dir, pickle_only_adapter, gradient_checkpointing=False)
     with pytest.raises(hf.PickleWeightsRefused, match=pattern):
-        export.load_lora_deltas(pickle_only_adapter)
+        merge.load_lora_deltas(pickle_only_adapter)
 
 
 CUSTOM_MODELING = """
@@ -476,8 +476,8 @@ raise RuntimeError("custom model code ran")
 
 
 def test_custom_model_code_is_refused_unless_trust_remote_code(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from llmtune.backends import hf
     from llmtune.config import ModelConfig, load_config
+    from llmtune.model import hf
 
     assert ModelConfig().trust_remote_code is False and load_config(None).model.trust_remote_code is False
     folder = tmp_path / "custom"

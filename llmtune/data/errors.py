@@ -13,8 +13,10 @@ Example:
 
 from __future__ import annotations
 
+from llmtune.errors import LlmtuneError
 
-class DataError(ValueError):
+
+class DataError(LlmtuneError, ValueError):
     """Input data that cannot be used; the message names the file, row or line, and field."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmtune.backends import import_unsloth_if_used
+from llmtune.model import import_unsloth_if_used
 
 UNSLOTH_IMPORTED = import_unsloth_if_used("unsloth")
 
@@ -21,15 +21,15 @@ def _needs_cuda_for_gpu_tests(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(scope="session")
-def demo_tokenizer(demo_rows: list[dict[str, str]]):  # type: ignore[no-untyped-def]
+def demo_tokenizer(demo_rows: list[dict[str, str]]):
     from llmtune.demo import build_demo_tokenizer
 
     return build_demo_tokenizer(demo_rows)
 
 
 @pytest.fixture(scope="session")
-def llama_1b_dir(tmp_path_factory: pytest.TempPathFactory, demo_tokenizer) -> Path:  # type: ignore[no-untyped-def]
+def llama_1b_dir(tmp_path_factory: pytest.TempPathFactory, demo_tokenizer) -> Path:
     """A random-init model of the published Llama-3.2-1B shape (bf16), saved with the demo tokenizer."""
-    from llmtune.gpu import build_random_llama
+    from benchmarks.model_shapes import build_random_llama
 
     return build_random_llama(tmp_path_factory.mktemp("llama-3.2-1b"), "llama-3.2-1b", demo_tokenizer)

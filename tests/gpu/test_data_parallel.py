@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llmtune import distributed
-from llmtune.backends import resolve_backend
 from llmtune.config import LoraConfig, ModelConfig, TrainingConfig
+from llmtune.model import resolve_backend
+from llmtune.train import distributed
 from tests.gpu.test_unsloth_backend import SEQ, successor_task
 from tests.test_distributed import RANKS_ENV
 
@@ -28,7 +28,7 @@ def _needs_two_gpus() -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(llama_1b_dir: Path, demo_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[no-untyped-def]
+def inputs(llama_1b_dir: Path, demo_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The 4-bit base, an initial adapter, the task rows and the tokenizer, as the upstream steps leave them."""
     work = tmp_path_factory.mktemp("data-parallel")
     backend = resolve_backend("hf")
@@ -63,7 +63,7 @@ def test_two_gpus_train_one_adapter(
         adapter_dir=str(work / "adapter0"),
         train_dir=str(work / "train"),
         tokenizer_dir=str(work / "tokenizer"),
-        training=cfg.model_dump(),
+        training=cfg,
         max_seq_length=SEQ,
         out_dir=str(tmp_path / "out"),
         callbacks=["tests.test_distributed:rank_recorder"],
@@ -73,9 +73,9 @@ def test_two_gpus_train_one_adapter(
     ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank-*.json"))]
     assert [(r["rank"], r["device"]) for r in ranks] == [(0, "cuda:0"), (1, "cuda:1")]
     assert ranks[0]["lora_sum"] == ranks[1]["lora_sum"], "both GPUs hold the same adapter after every step"
-    assert report["data_parallel_processes"] == 2 and report["backend"] == backend
-    assert report["peak_gpu_memory_gib"] > 0
-    losses = [p["loss"] for p in report["loss_history"]]
+    assert report.data_parallel_processes == 2 and report.backend == backend
+    assert report.peak_gpu_memory_gib > 0
+    losses = [p["loss"] for p in report.loss_history]
     assert len(losses) == STEPS and sum(losses[-5:]) < 0.6 * sum(losses[:5]), losses
     saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     initial = load_file(str(work / "adapter0" / "adapter_model.safetensors"))

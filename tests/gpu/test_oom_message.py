@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmtune.gpu import GpuOutOfMemory, TrainingMemorySettings, explain_oom, oom_message
+from llmtune.train.memory import GpuOutOfMemory, TrainingMemorySettings, explain_oom, oom_message
 
 SETTINGS = TrainingMemorySettings(batch_size=8, max_seq_length=2048, lora_r=16, gradient_checkpointing=False)
 

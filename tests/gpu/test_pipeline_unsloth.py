@@ -13,11 +13,19 @@ from tests.conftest import tiny_run_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.pipeline]
 
-STEPS = ["prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate", "merge_and_push"]
+STEPS = [
+    "prepare_dataset",
+    "load_base_model",
+    "inject_lora",
+    "train_sft",
+    "evaluate",
+    "promotion_gate",
+    "merge_and_push",
+]
 
 
 @pytest.fixture(scope="module")
-def unsloth_run(llama_1b_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def unsloth_run(llama_1b_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory):
     from zenml.client import Client
 
     import run as cli
@@ -34,7 +42,7 @@ def unsloth_run(llama_1b_dir: Path, rows_file: Path, tmp_path_factory: pytest.Te
     return Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
 
 
-def test_six_steps_complete_with_unsloth(unsloth_run) -> None:  # type: ignore[no-untyped-def]
+def test_six_steps_complete_with_unsloth(unsloth_run) -> None:
     assert {name: step.status.value for name, step in unsloth_run.steps.items()} == dict.fromkeys(STEPS, "completed")
     for name in ("load_base_model", "inject_lora", "train_sft"):
         assert unsloth_run.steps[name].run_metadata["backend"] == "unsloth", name
@@ -44,14 +52,15 @@ def test_six_steps_complete_with_unsloth(unsloth_run) -> None:  # type: ignore[n
     assert unsloth_run.steps["train_sft"].run_metadata["data_parallel_processes"] == torch.cuda.device_count()
 
 
-def test_backend_and_training_are_in_mlflow(unsloth_run) -> None:  # type: ignore[no-untyped-def]
+def test_backend_and_training_are_in_mlflow(unsloth_run) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.stack import mlflow_tracking_uri
-    from pipelines.summary import mlflow_run_id
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import mlflow_run_id
 
     client = MlflowClient(tracking_uri=mlflow_tracking_uri())
     run_id = mlflow_run_id(unsloth_run.name)
+    assert run_id is not None
     params, metrics = client.get_run(run_id).data.params, client.get_run(run_id).data.metrics
     assert [params[k] for k in ("model.backend_used", "lora.backend_used", "training.backend_used")] == ["unsloth"] * 3
     curve = [m.value for m in client.get_metric_history(run_id, "train_loss")]

@@ -1,5 +1,5 @@
 """The unsloth backend on a random-init model of the published Llama-3.2-1B shape: 4-bit load, LoRA,
-training through the project's `llmtune.training.train` on a learnable task, adapter save and reload."""
+training through the project's `llmtune.train.sft.train` on a learnable task, adapter save and reload."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from llmtune import gpu, training
-from llmtune.backends import hf, resolve_backend
 from llmtune.config import LoraConfig, ModelConfig, TrainingConfig
+from llmtune.model import hf, resolve_backend
+from llmtune.train import memory, sft
 
 pytestmark = pytest.mark.gpu
 
@@ -18,7 +18,7 @@ SEQ, ROWS, STEPS = 256, 320, 40
 TASK_OFFSET, TASK_TOKENS = 1000, 64  # a block of ids the demo tokenizer never produces; the model sees only ids
 
 
-def successor_task(rows: int, length: int, seed: int = 0):  # type: ignore[no-untyped-def]
+def successor_task(rows: int, length: int, seed: int = 0):
     """Rows where every token is a fixed function of the one before: learnable, and the loss must fall."""
     import random
 
@@ -55,11 +55,12 @@ def test_unsloth_loads_the_1b_shape_as_nf4_double_quant(unsloth_base: dict) -> N
     reloaded = hf.load_base(unsloth_base["dir"])  # the artifact is a plain transformers 4-bit checkpoint
     proj = reloaded.model.layers[0].mlp.down_proj
     assert isinstance(proj, bnb.nn.Linear4bit)
-    assert proj.weight.quant_state.quant_type == "nf4" and proj.weight.quant_state.nested
+    state = proj.weight.quant_state  # type: ignore[attr-defined]  # a bnb Params4bit
+    assert state.quant_type == "nf4" and state.nested
 
 
 @pytest.fixture(scope="module")
-def trained(unsloth_base: dict, demo_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[no-untyped-def]
+def trained(unsloth_base: dict, demo_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> dict:
     backend = resolve_backend("unsloth")
     work = tmp_path_factory.mktemp("unsloth-train")
     lora = backend.add_lora(unsloth_base["dir"], LoraConfig(r=16, alpha=32), work / "adapter0")
@@ -73,10 +74,10 @@ def trained(unsloth_base: dict, demo_tokenizer, tmp_path_factory: pytest.TempPat
         logging_steps=1,
         gradient_checkpointing=True,
     )
-    gpu.reset_peak_memory()
-    report = training.train(model, demo_tokenizer, successor_task(ROWS, SEQ), cfg, work / "t", SEQ)
+    memory.reset_peak_memory()
+    report = sft.train(model, demo_tokenizer, successor_task(ROWS, SEQ), cfg, work / "t", SEQ)
     model.save_pretrained(str(work / "adapter"))
-    return {"model": model, "report": report, "lora": lora, "work": work, "peak_gib": gpu.peak_memory_gib()}
+    return {"model": model, "report": report, "lora": lora, "work": work, "peak_gib": memory.peak_memory_gib()}
 
 
 def test_lora_goes_on_every_linear_projection(trained: dict) -> None:
@@ -121,7 +122,7 @@ def test_adapter_is_saved_in_peft_format_and_reloads_with_the_trained_weights(
 
 
 def test_reloaded_adapter_scores_the_task_like_the_trained_one(trained: dict, unsloth_base: dict) -> None:
-    from llmtune.evaluation import eval_loss
+    from llmtune.evaluate.scoring import eval_loss
 
     model = hf.load_for_inference(unsloth_base["dir"], trained["work"] / "adapter")
     rows = successor_task(16, SEQ, seed=1)
@@ -135,27 +136,29 @@ def test_reloaded_adapter_scores_the_task_like_the_trained_one(trained: dict, un
 
 def test_out_of_memory_in_training_ends_with_the_settings_to_lower(
     unsloth_base: dict, trained: dict, demo_tokenizer
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     import torch
 
     backend = resolve_backend("unsloth")
     total = torch.cuda.get_device_properties(0).total_memory
-    settings = gpu.TrainingMemorySettings(batch_size=64, max_seq_length=2048, lora_r=16, gradient_checkpointing=False)
+    settings = memory.TrainingMemorySettings(
+        batch_size=64, max_seq_length=2048, lora_r=16, gradient_checkpointing=False
+    )
     cfg = TrainingConfig(max_steps=2, per_device_train_batch_size=64, logging_steps=1, gradient_checkpointing=False)
-    gpu.release_cached_memory()
+    memory.release_cached_memory()
     # As if the GPU had 3 GiB free beyond what the fixtures hold: the 4-bit 1B fits, this training does not.
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 3 * gpu.GIB) / total)
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved() + 3 * memory.GIB) / total)
     try:
-        with pytest.raises(gpu.GpuOutOfMemory) as caught, gpu.explain_oom(settings):
+        with pytest.raises(memory.GpuOutOfMemory) as caught, memory.explain_oom(settings):
             model = backend.load_trainable(unsloth_base["dir"], trained["work"] / "adapter", False, max_seq_length=2048)
-            training.train(model, demo_tokenizer, successor_task(64, 2048), cfg, trained["work"] / "oom", 2048)
+            sft.train(model, demo_tokenizer, successor_task(64, 2048), cfg, trained["work"] / "oom", 2048)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
     assert "training.per_device_train_batch_size=64 -> 32" in str(caught.value)
     assert "data.max_seq_length=2048 -> 1024" in str(caught.value) and "lora.r=16 -> 8" in str(caught.value)
 
 
-def greedy_continuations(model, rows, prompt_len: int, new: int):  # type: ignore[no-untyped-def]
+def greedy_continuations(model, rows, prompt_len: int, new: int):
     """Greedy next `new` task tokens after the first `prompt_len` of each row (token ids, no text)."""
     import torch
 
@@ -180,7 +183,7 @@ def share_equal(a: list[list[int]], b: list[list[int]]) -> float:
 def test_evaluation_runs_on_unsloths_fast_inference_with_the_adapter_toggle(trained: dict, unsloth_base: dict) -> None:
     """The unsloth backend's inference model is Unsloth's fast path; switching the adapter off still gives the
     base, and its losses and greedy answers match the plain transformers + PEFT model's."""
-    from llmtune.evaluation import eval_loss
+    from llmtune.evaluate.scoring import eval_loss
 
     adapter = trained["work"] / "adapter"
     fast = resolve_backend("unsloth").load_for_inference(unsloth_base["dir"], adapter)

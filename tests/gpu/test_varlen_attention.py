@@ -33,7 +33,7 @@ def test_torch_varlen_kernel_matches_per_example_sdpa() -> None:
     """The kernel behind both backends, with grouped-query heads (32 query, 8 key/value), forward and backward."""
     import torch
 
-    from llmtune.backends.attention import attend_segments, varlen_with_gqa
+    from llmtune.model.attention import attend_segments, varlen_with_gqa
 
     torch.manual_seed(0)
     total = sum(LENGTHS)
@@ -42,17 +42,24 @@ def test_torch_varlen_kernel_matches_per_example_sdpa() -> None:
     v = torch.randn(total, 8, 64, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     bounds = torch.tensor([0, *LENGTHS], device=DEVICE).cumsum(0, dtype=torch.int32)
     fast = varlen_with_gqa(q, k, v, bounds, bounds, max(LENGTHS), max(LENGTHS), window_size=(-1, 0), enable_gqa=True)
-    cpu_ref = attend_segments(*(x.detach().double().cpu() for x in (q, k, v)), LENGTHS, max(LENGTHS), scale=None)
+    q64, k64, v64 = (x.detach().double().cpu() for x in (q, k, v))
+    cpu_ref = attend_segments(q64, k64, v64, LENGTHS, max(LENGTHS), scale=None)
     torch.testing.assert_close(fast.double().cpu(), cpu_ref, atol=2e-2, rtol=2e-2)
     grad = torch.randn_like(fast)
     fast_grads = torch.autograd.grad(fast, (q, k, v), grad)
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    rq, rk, rv = ref_in
+    spans = list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
     ref = torch.cat(
         [
             torch.nn.functional.scaled_dot_product_attention(
-                *(x[a:b].transpose(0, 1) for x in ref_in), is_causal=True, enable_gqa=True
+                rq[a:b].transpose(0, 1),
+                rk[a:b].transpose(0, 1),
+                rv[a:b].transpose(0, 1),
+                is_causal=True,
+                enable_gqa=True,
             ).transpose(0, 1)
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
+            for a, b in spans
         ]
     )
     ref_grads = torch.autograd.grad(ref, ref_in, grad.float())
@@ -88,7 +95,7 @@ def packed_vs_alone(backend_name: str, base_dir: str, adapter_dir: str) -> dict[
     one sequence), the attention path taken, and how many varlen calls one packed forward made."""
     import torch
 
-    from llmtune.backends import attention, resolve_backend
+    from llmtune.model import attention, resolve_backend
 
     model = resolve_backend(backend_name).load_trainable(base_dir, adapter_dir, False, max_seq_length=1024)
     torch.manual_seed(0)
@@ -141,7 +148,7 @@ def packed_vs_alone(backend_name: str, base_dir: str, adapter_dir: str) -> dict[
 
 def count_varlen_calls() -> Any:
     """Counts calls of torch's varlen kernel from now on, through either backend; returns a reader that stops it."""
-    from llmtune.backends import attention
+    from llmtune.model import attention
 
     shipped = attention.varlen_kernel
     found = shipped()
@@ -171,8 +178,8 @@ def in_fresh_interpreter(function: Any, *args: Any) -> Any:
 @pytest.fixture(scope="module")
 def artifacts(llama_1b_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     """The 4-bit base and a fresh adapter of the 1B shape, per backend, as load_base_model and inject_lora make them."""
-    from llmtune.backends import resolve_backend
     from llmtune.config import LoraConfig, ModelConfig
+    from llmtune.model import resolve_backend
 
     made = {}
     for name in ("hf", "unsloth"):
@@ -228,9 +235,9 @@ def train_losses(backend_name: str, base_dir: str, adapter_dir: str, varlen: boo
 
     from transformers import AutoTokenizer
 
-    from llmtune import training
-    from llmtune.backends import resolve_backend
     from llmtune.config import TrainingConfig
+    from llmtune.model import resolve_backend
+    from llmtune.train import sft
 
     model = resolve_backend(backend_name).load_trainable(base_dir, adapter_dir, True, max_seq_length=512)
     cfg = TrainingConfig(
@@ -245,7 +252,7 @@ def train_losses(backend_name: str, base_dir: str, adapter_dir: str, varlen: boo
         varlen_attention=varlen,
     )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    report = training.train(model, tokenizer, mixed_length_task(400), cfg, tempfile.mkdtemp(), 512)
+    report = sft.train(model, tokenizer, mixed_length_task(400), cfg, tempfile.mkdtemp(), 512)
     return {"losses": [p["loss"] for p in report["loss_history"]], "attention": report["attention"]}
 
 

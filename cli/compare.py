@@ -30,13 +30,15 @@ from typing import Any
 
 from rich.table import Table
 
+from llmtune.errors import LlmtuneError
+
 LOSS_CURVE = "train_loss"
 FINAL_LOSS = "final_train_loss"
 VERDICT_TAG = "llmtune.verdict"
 MAX_PARAM_WIDTH = 40  # long values (a judge prompt, a path) would make one column swallow the table
 
 
-class CompareError(ValueError):
+class CompareError(LlmtuneError, ValueError):
     """No runs to compare: the experiment is missing or has no runs of the wanted status."""
 
 

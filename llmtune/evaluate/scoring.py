@@ -3,7 +3,7 @@
 The base is the tuned model with its adapter switched off, so both see the same 4-bit weights,
 the same template (from the prepared data's tokenizer) and the same masking. Answers are greedy,
 batched with left padding and the KV cache, prompts sorted by length so a batch pads little. The
-metrics chosen in `evaluation.metrics` (see `llmtune.metrics`) score each answer; exact match is
+metrics chosen in `evaluation.metrics` (see `llmtune.evaluate.metrics`) score each answer; exact match is
 always reported. The result is an `EvalReport`: a dict of metrics plus `samples`, one row per
 generation prompt (prompt, reference, base and tuned answer, per-sample scores).
 
@@ -23,14 +23,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from llmtune import metrics as metric_lib
+from llmtune.artifacts import EvalReport
 from llmtune.config import EvaluationConfig
+from llmtune.evaluate import metrics as metric_lib
 
 SAMPLE_TEXT_COLUMNS = ("prompt", "reference", "base", "tuned")
-
-
-class EvalReport(dict[str, Any]):
-    """The evaluate step's output: a plain dict (metrics, `samples`), typed so ZenML can show its samples table."""
 
 
 def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> float:
@@ -99,15 +96,6 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
         )
     new_tokens = out[:, batch["input_ids"].shape[1] :]
     return [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after trimming whitespace.
-
-    >>> exact_match(["four two", "fox"], ["four two ", "owl"])
-    0.5
-    """
-    return metric_lib.corpus_scores(predictions, references, ["exact_match"])["exact_match"]
 
 
 def compare(
@@ -223,7 +211,7 @@ def _adapter(model: Any, enabled: bool) -> Any:
 @contextmanager
 def _other_adapter(model: Any, adapter_dir: str, name: str) -> Iterator[None]:
     """Load a second PEFT adapter beside the tuned one, make it the active one, and drop it afterwards."""
-    from llmtune.backends.hf import require_adapter_safetensors
+    from llmtune.model.hf import require_adapter_safetensors
 
     require_adapter_safetensors(adapter_dir)  # PEFT's load_adapter would fall back to unpickling a .bin
     previous = model.active_adapter

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import platform
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,18 +68,6 @@ def render_model_card(facts: CardFacts) -> str:
 def scrub_secrets(text: str) -> str:
     """Replace anything shaped like a Hugging Face token."""
     return HUB_TOKEN.sub("[redacted]", text)
-
-
-def describe_hardware() -> str:
-    """The accelerator (CUDA device name) or the CPU of this machine, with the torch version."""
-    import os
-
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    return f"CPU ({cpu}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
 def _front_matter(facts: CardFacts) -> str:

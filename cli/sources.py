@@ -72,6 +72,25 @@ def step_output(run: Any, step: str, name: str = "output") -> Any:
     return outputs[0] if isinstance(outputs, list) else outputs
 
 
+def run_artifact_ids(run: Any) -> dict[str, str]:
+    """The artifact ids of a finetune run's outputs that other pipelines start from, by role.
+
+    `training_report` is missing for runs made before the training report was an output of its own.
+    """
+    wanted = {
+        "base": ("load_base_model", "output"),
+        "adapter": ("train_sft", "output"),
+        "data": ("prepare_dataset", "output"),
+        "eval_report": ("evaluate", "eval_report"),
+        "training_report": ("train_sft", "training_report"),
+    }
+    ids = {}
+    for role, (step, name) in wanted.items():
+        if step in run.steps and name in run.steps[step].outputs:
+            ids[role] = str(step_output(run, step, name).id)
+    return ids
+
+
 @dataclass
 class Champion:
     """The model's production version, as the evaluate step needs it.

@@ -1,9 +1,9 @@
 """The Unsloth backend (CUDA only): FastLanguageModel 4-bit loading, its LoRA, and its gradient checkpointing.
 
-Same four functions as `llmtune.backends.hf`, and the same artifacts: a bitsandbytes 4-bit checkpoint
+Same four functions as `llmtune.model.hf`, and the same artifacts: a bitsandbytes 4-bit checkpoint
 in save_pretrained format and a PEFT adapter folder, so either backend can read what the other wrote.
-Training itself is `llmtune.training.train`, whose TRL trainer is Unsloth's when unsloth was imported
-first; `llmtune.backends.import_unsloth_if_used` is the one place that orders that import.
+Training itself is `llmtune.train.sft.train`, whose TRL trainer is Unsloth's when unsloth was imported
+first; `llmtune.model.import_unsloth_if_used` is the one place that orders that import.
 
 What makes it fast sits in `load_trainable`: the adapter goes onto the base through PEFT and is then
 handed to Unsloth's `patch_peft_model`, which swaps in its fused LoRA kernels (attention QKV/O and the
@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmtune.backends import hf
 from llmtune.config import LoraConfig, ModelConfig
+from llmtune.model import hf
 
 NAME = "unsloth"
 

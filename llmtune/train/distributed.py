@@ -1,16 +1,17 @@
 """The train step's training, in its own process or data-parallel under `accelerate launch`, one process per GPU.
 
-`train_adapter(job, processes)` trains the adapter a `TrainJob` describes (paths and plain values, as the
-step has them) and leaves it with `training_report.json` in `job.out_dir`. With one process that happens
+`train_adapter(job, processes)` trains the adapter a `TrainJob` describes (paths and the typed training
+section) into `job.out_dir` and returns the `TrainingReport`. With one process that happens
 here. With `training.num_gpus` above 1 (or 0 and several GPUs visible), `train_data_parallel` writes the job
-to a file and runs `accelerate launch --multi_gpu --num_processes N -m llmtune.distributed JOB`. Each process
+to a file and runs `accelerate launch --multi_gpu --num_processes N -m llmtune.train.distributed JOB`. Each process
 loads the 4-bit base and the adapter onto its own GPU through the same backend function as a one-GPU run
-(`load_trainable`), and trains with the same `llmtune.training.train`: the Trainer sees the launch, wraps the
+(`load_trainable`), and trains with the same `llmtune.train.sft.train`: the Trainer sees the launch, wraps the
 model in DistributedDataParallel and gives every process its own rows of each step, so a step trains on
 `num_gpus x per_device_train_batch_size` rows and only the LoRA gradients travel between GPUs. Rank 0 saves
-the adapter and the training report into the job's `out_dir`; the caller waits, reads them back and logs the
-loss curve to its MLflow run. A failure on any rank ends the launch; a GPU out-of-memory error comes back as
-`GpuOutOfMemory` with the settings to lower, anything else as `TrainingError` naming the rank.
+the adapter into the job's `out_dir` and the report beside it (`job.report_file`); the caller waits, reads the
+report back and hands the loss curve to its `on_loss` callback. A failure on any rank ends the launch; a GPU
+out-of-memory error comes back as `GpuOutOfMemory` with the settings to lower, anything else as `TrainingError`
+naming the rank.
 
 This module imports no ML library at import time, so a worker can import unsloth before transformers.
 
@@ -20,7 +21,7 @@ Example:
     >>> processes_for(requested=4, visible=2)
     Traceback (most recent call last):
     ...
-    llmtune.distributed.DataParallelError: training.num_gpus=4 but 2 CUDA GPUs are visible here. ...
+    llmtune.train.distributed.DataParallelError: training.num_gpus=4 but 2 CUDA GPUs are visible here. ...
     >>> launch_command(2, "/tmp/job.json", port=29501, python="python")[:8]
     ['python', '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1']
 """
@@ -36,27 +37,30 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmtune.artifacts import TrainingReport
 from llmtune.config import TrainingConfig
+from llmtune.errors import LlmtuneError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-REPORT_FILE = "training_report.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Lines of the launch's output kept for the error message when it fails without saying why.
 OUTPUT_TAIL_LINES = 40
 
 
-class DataParallelError(RuntimeError):
+class DataParallelError(LlmtuneError):
     """Data-parallel training cannot start as configured; the message says what to set."""
 
 
 @dataclasses.dataclass
 class TrainJob:
-    """Everything a worker process needs, as paths and plain values (written as JSON for the launch).
+    """Everything a worker process needs: paths, the typed training section, and the sequence length.
 
     `callbacks` are "module:function" names, each called with no arguments in every worker to make one
-    more TrainerCallback (the throughput benchmark times steps with one).
+    more TrainerCallback (the throughput benchmark times steps with one). The adapter lands in `out_dir`
+    and the training report in `report_file` (next to it, not inside it).
     """
 
     backend: str
@@ -64,19 +68,25 @@ class TrainJob:
     adapter_dir: str
     train_dir: str
     tokenizer_dir: str
-    training: dict[str, Any]
+    training: TrainingConfig
     max_seq_length: int
     out_dir: str
     checkpoint_dir: str | None = None
     callbacks: list[str] = dataclasses.field(default_factory=list)
 
+    @property
+    def report_file(self) -> Path:
+        return Path(self.out_dir).with_name(Path(self.out_dir).name + "-training-report.json")
+
     def write(self, path: str | Path) -> Path:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        fields = {**dataclasses.asdict(self), "training": self.training.model_dump()}
+        Path(path).write_text(json.dumps(fields, indent=2))
         return Path(path)
 
     @classmethod
     def read(cls, path: str | Path) -> TrainJob:
-        return cls(**json.loads(Path(path).read_text()))
+        fields = json.loads(Path(path).read_text())
+        return cls(**{**fields, "training": TrainingConfig(**fields["training"])})
 
 
 def visible_gpus() -> int:
@@ -126,7 +136,7 @@ def launch_command(processes: int, job_file: str | Path, port: int, python: str 
         "--main_process_port",
         str(port),
         "-m",
-        "llmtune.distributed",
+        "llmtune.train.distributed",
         str(job_file),
     ]
 
@@ -144,27 +154,31 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
-def train_adapter(job: TrainJob, processes: int = 1) -> dict[str, Any]:
+def train_adapter(
+    job: TrainJob, processes: int = 1, on_loss: Callable[[float, int], None] | None = None
+) -> TrainingReport:
     """Train `job`'s adapter in this process (`processes=1`) or data-parallel in `processes` processes.
 
-    Either way the trained adapter and `training_report.json` land in `job.out_dir`; returns the report.
+    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve: as
+    training goes in this process, at the end from rank 0's report when the workers ran elsewhere.
     """
     if processes <= 1:
-        return train_this_rank(job, rank=0)
-    return train_data_parallel(job, processes)
+        return train_this_rank(job, rank=0, on_loss=on_loss)
+    report = train_data_parallel(job, processes)
+    if on_loss is not None:
+        for point in report.loss_history:
+            on_loss(point["loss"], int(point["step"]))
+    return report
 
 
-def train_data_parallel(job: TrainJob, processes: int) -> dict[str, Any]:
+def train_data_parallel(job: TrainJob, processes: int) -> TrainingReport:
     """Train `job` in `processes` processes and wait; return rank 0's report (the adapter is in `job.out_dir`)."""
     job_dir = Path(tempfile.mkdtemp(prefix="llmtune-data-parallel-"))
     job_file = job.write(job_dir / "job.json")
     code, tail = run_streaming(launch_command(processes, job_file, free_port()), worker_env())
-    report_file = Path(job.out_dir) / REPORT_FILE
-    if code != 0 or not report_file.is_file():
+    if code != 0 or not job.report_file.is_file():
         raise launch_failure(job_dir, code, tail, processes)
-    report: dict[str, Any] = json.loads(report_file.read_text())
-    log_loss_curve(report["loss_history"])
-    return report
+    return TrainingReport.model_validate_json(job.report_file.read_text())
 
 
 def run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
@@ -180,8 +194,8 @@ def run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
 
 def launch_failure(job_dir: Path, code: int, tail: list[str], processes: int) -> Exception:
     """The error to raise for a failed launch: the first rank's own error, else the launch's last output lines."""
-    from llmtune.gpu import GpuOutOfMemory
-    from llmtune.training import TrainingError
+    from llmtune.train.memory import GpuOutOfMemory
+    from llmtune.train.sft import TrainingError
 
     errors = [json.loads(p.read_text()) for p in sorted(job_dir.glob("error-rank-*.json"))]
     for error in errors:
@@ -198,24 +212,14 @@ def launch_failure(job_dir: Path, code: int, tail: list[str], processes: int) ->
     )
 
 
-def log_loss_curve(points: list[dict[str, float]]) -> None:
-    """The workers train outside this process's MLflow run, so their loss curve is logged here afterwards."""
-    import mlflow
-
-    if mlflow.active_run() is None:
-        return
-    for point in points:
-        mlflow.log_metric("train_loss", point["loss"], step=int(point["step"]))
-
-
 # ---------------------------------------------------------------- the worker: one process per GPU
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point (`python -m llmtune.distributed JOB`, under accelerate launch)."""
+    """Worker entry point (`python -m llmtune.train.distributed JOB`, under accelerate launch)."""
     job_file = Path((argv if argv is not None else sys.argv[1:])[0])
     job = TrainJob.read(job_file)
-    from llmtune.backends import import_unsloth_if_used
+    from llmtune.model import import_unsloth_if_used
 
     import_unsloth_if_used(job.backend)  # before transformers, peft and trl, as in the CLI
     rank = int(os.environ.get("RANK", "0"))
@@ -236,7 +240,7 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def train_this_rank(job: TrainJob, rank: int) -> dict[str, Any]:
+def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], None] | None = None) -> TrainingReport:
     """Load the 4-bit base + adapter on this process's GPU, train, and on rank 0 save the adapter and report.
 
     A GPU out-of-memory error here becomes `GpuOutOfMemory`, naming the settings to lower.
@@ -244,18 +248,18 @@ def train_this_rank(job: TrainJob, rank: int) -> dict[str, Any]:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from llmtune import gpu, training
-    from llmtune.backends import resolve_backend
+    from llmtune.model import resolve_backend
+    from llmtune.train import memory, sft
 
     use_this_processes_gpu()
-    cfg = TrainingConfig(**job.training)
+    cfg = job.training
     backend = resolve_backend(job.backend)
-    gpu.reset_peak_memory()
-    with gpu.explain_oom(memory_settings(job, cfg)):
+    memory.reset_peak_memory()
+    with memory.explain_oom(memory_settings(job, cfg)):
         model = backend.load_trainable(
             job.base_dir, job.adapter_dir, cfg.gradient_checkpointing, max_seq_length=job.max_seq_length
         )
-        report = training.train(
+        result = sft.train(
             model,
             AutoTokenizer.from_pretrained(job.tokenizer_dir),
             load_from_disk(job.train_dir),
@@ -264,11 +268,17 @@ def train_this_rank(job: TrainJob, rank: int) -> dict[str, Any]:
             job.max_seq_length,
             callbacks=[make_callback(name) for name in job.callbacks],
             checkpoint_dir=job.checkpoint_dir,
+            on_loss=on_loss,
         )
-    report.update(backend=backend.NAME, peak_gpu_memory_gib=round(gpu.peak_memory_gib(), 3))  # per GPU: rank 0's
+    report = TrainingReport(
+        **result,
+        backend=backend.NAME,
+        peak_gpu_memory_gib=round(memory.peak_memory_gib(), 3),  # per GPU: rank 0's
+        hardware=memory.describe_hardware(),
+    )
     if rank == 0:
         model.save_pretrained(job.out_dir)
-        (Path(job.out_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        job.report_file.write_text(report.model_dump_json(indent=2))
     return report
 
 
@@ -281,9 +291,10 @@ def use_this_processes_gpu() -> None:
 
 
 def memory_settings(job: TrainJob, cfg: TrainingConfig) -> Any:
-    from llmtune.gpu import TrainingMemorySettings
+    from llmtune.artifacts import Adapter
+    from llmtune.train.memory import TrainingMemorySettings
 
-    lora_r = json.loads((Path(job.adapter_dir) / "adapter_config.json").read_text())["r"]
+    lora_r = Adapter(job.adapter_dir).config()["r"]
     return TrainingMemorySettings(
         cfg.per_device_train_batch_size, job.max_seq_length, lora_r, cfg.gradient_checkpointing
     )
@@ -299,7 +310,7 @@ def make_callback(name: str) -> Any:
 
 def record_error(job_dir: Path, rank: int, err: BaseException) -> None:
     """Leave this rank's error for the launching process, which reports the first one."""
-    from llmtune.gpu import GpuOutOfMemory, is_oom
+    from llmtune.train.memory import GpuOutOfMemory, is_oom
 
     record = {
         "rank": rank,

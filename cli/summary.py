@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from zenml.client import Client
 
-from pipelines import sources
-from pipelines.stack import mlflow_tracking_uri
+from cli import sources
+from cli.stack import mlflow_tracking_uri
 
 EXPERIMENT = "finetune"
 
@@ -39,12 +39,13 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
         console.print(f"[red]Run {run.name} ended {run.status.value}.[/red] See the step logs above.")
         return
     export = step_output(run, "merge_and_push", "export_report") if "merge_and_push" in run.steps else {}
+    verdict = step_output(run, "promotion_gate", "verdict") if "promotion_gate" in run.steps else {}
     if "evaluate" in run.steps:
-        production = champion_version or export.get("gate_champion_version") or "?"
+        production = champion_version or verdict.get("gate_champion_version") or "?"
         console.print(_metrics_table(step_output(run, "evaluate", "eval_report"), production))
     experiment = run.pipeline.name if run.pipeline else EXPERIMENT  # the tracker names experiments after pipelines
     lines = [
-        *_gate_lines(export),
+        *_gate_lines(verdict, export),
         *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
         f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment) or '(none: all cached)'}",
         f"  open the UI:  mlflow ui --backend-store-uri {mlflow_tracking_uri()}",
@@ -57,7 +58,7 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
 
 def print_gate_preview(run_id: Any, gate: Any, champion_version: str | None, console: Console | None = None) -> None:
     """What the promotion gate would decide on an evaluate-only run (nothing is promoted by it)."""
-    from llmtune.promotion import decide
+    from llmtune.release.promotion import decide
 
     run = Client().get_pipeline_run(run_id)
     if run.status.value != "completed":
@@ -68,11 +69,11 @@ def print_gate_preview(run_id: Any, gate: Any, champion_version: str | None, con
     )
 
 
-def _gate_lines(export: dict[str, Any]) -> list[str]:
+def _gate_lines(verdict: dict[str, Any], export: dict[str, Any]) -> list[str]:
     """The promotion gate's verdict, and where the model version went."""
-    if "gate_verdict" not in export:
+    if "gate_verdict" not in verdict:
         return []
-    lines = [f"Gate:         {export['gate_verdict']}"]
+    lines = [f"Gate:         {verdict['gate_verdict']}"]
     if export.get("promoted_to"):
         lines.append(f"Promoted:     ZenML model version {export['promoted_version']} -> {export['promoted_to']}")
     return lines

@@ -7,7 +7,7 @@ A recipe is a folder `infrastructure/<name>/` with `stack.yaml` (the stack compo
 `${VAR}` placeholders read from the environment) and `run.yaml` (a ZenML run config: DockerSettings and
 per-step ResourceSettings, so only the steps that need a GPU ask for one). Choose one with
 `LLMTUNE_RECIPE=<name>` (or `run.py --recipe <name>`); register its stack once with
-`python -m pipelines.stack register <name>`.
+`python -m cli.stack register <name>`.
 
 Example:
     >>> sorted(recipe_names())
@@ -32,6 +32,8 @@ from zenml.client import Client
 from zenml.enums import StackComponentType
 from zenml.exceptions import EntityExistsError
 
+from llmtune.errors import LlmtuneError
+
 STACK_NAME = "llmtune-local"
 TRACKER_NAME = "llmtune-mlflow"
 RECIPE_ENV = "LLMTUNE_RECIPE"
@@ -39,7 +41,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "infrastructure"
 _PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 
 
-class RecipeError(ValueError):
+class RecipeError(LlmtuneError, ValueError):
     """A recipe is missing, incomplete, or needs environment values that are not set."""
 
 
@@ -107,7 +109,7 @@ def _select_recipe_stack(recipe: str) -> str:
     if stack_id is None:
         raise RecipeError(
             f"Stack '{name}' of recipe '{recipe}' is not registered in this ZenML store. Register it: "
-            f"python -m pipelines.stack register {recipe}   (see infrastructure/{recipe}/README.md)"
+            f"python -m cli.stack register {recipe}   (see infrastructure/{recipe}/README.md)"
         )
     os.environ["ZENML_ACTIVE_STACK_ID"] = stack_id
     return str(name)
@@ -165,7 +167,7 @@ def mlflow_tracking_uri() -> str:
     tracker = Client().active_stack.experiment_tracker
     if tracker is None:
         raise RuntimeError(f"Stack has no experiment tracker; run with the {STACK_NAME} stack.")
-    return tracker.get_tracking_uri()  # type: ignore[attr-defined, no-any-return]
+    return str(tracker.get_tracking_uri())  # type: ignore[attr-defined]
 
 
 # --- cloud recipes -------------------------------------------------------------------------------------------
@@ -302,7 +304,7 @@ def _register_component(client: Client, component_type: str, component: dict[str
 
 
 def main(argv: list[str]) -> int:
-    """`python -m pipelines.stack register <recipe>` registers a recipe's stack; `list` shows the recipes."""
+    """`python -m cli.stack register <recipe>` registers a recipe's stack; `list` shows the recipes."""
     if argv[:1] == ["register"] and len(argv) == 2:
         os.environ.setdefault("ZENML_ANALYTICS_OPT_IN", "false")
         try:
@@ -317,7 +319,7 @@ def main(argv: list[str]) -> int:
         for name in recipe_names():
             print(f"{name:12} needs: {' '.join(recipe_placeholders(name))}")
         return 0
-    print("usage: python -m pipelines.stack register <recipe> | list", file=sys.stderr)
+    print("usage: python -m cli.stack register <recipe> | list", file=sys.stderr)
     return 2
 
 

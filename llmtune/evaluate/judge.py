@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmtune.config import EvaluationConfig
+from llmtune.errors import LlmtuneError
 
 SCORE_PATTERN = re.compile(r"score\s*[:=]?\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(LlmtuneError, RuntimeError):
     """The judge endpoint failed or replied with no usable score; the message says which and why."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.config import LoraConfig, ModelConfig
+from llmtune.errors import LlmtuneError
 
 NAME = "hf"
 # Weights are read from safetensors only: a pickle file (.bin, .pt, ...) can run code when it is loaded.
@@ -25,7 +26,7 @@ SAFE_ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-class PickleWeightsRefused(ValueError):
+class PickleWeightsRefused(LlmtuneError, ValueError):
     """A model or adapter folder offers no safetensors weights; llmtune never unpickles weights."""
 
 
@@ -40,7 +41,7 @@ def require_safetensors(folder: str | Path, accepted: tuple[str, ...] = SAFE_BAS
     >>> require_safetensors(folder)
     Traceback (most recent call last):
     ...
-    llmtune.backends.hf.PickleWeightsRefused: ... has no model.safetensors ... (it has pytorch_model.bin) ...
+    llmtune.model.hf.PickleWeightsRefused: ... has no model.safetensors ... (it has pytorch_model.bin) ...
     """
     path = Path(folder)
     if not path.is_dir() or any((path / name).is_file() for name in accepted):

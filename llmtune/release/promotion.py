@@ -121,3 +121,27 @@ def _with_text(verdict: Verdict, cfg: PromotionConfig) -> Verdict:
                 f"({verdict.champion:.4g}; allowed regression {cfg.max_regression_vs_production:.4g})."
             )
     return Verdict(**{**asdict(verdict), "text": text})
+
+
+def unchanged(champion_version: str | None) -> dict[str, Any]:
+    """The verdict of a run whose (cached) adapter is production's own: a scheduled run on unchanged data and config.
+
+    >>> unchanged("3")["gate_unchanged"], unchanged("3")["gate_passed"]
+    (True, False)
+    """
+    text = (
+        f"UNCHANGED: this run's adapter is production version {champion_version}'s (same data and config, training "
+        "cached); nothing merged, published or promoted."
+    )
+    return {"gate_verdict": text, "gate_unchanged": True, "gate_passed": False}
+
+
+def verdict_tag(verdict: dict[str, Any]) -> str:
+    """The MLflow tag `llmtune.verdict` of a verdict's metadata: promoted, rejected or unchanged.
+
+    >>> verdict_tag(unchanged("1")), verdict_tag({"gate_passed": True})
+    ('unchanged', 'promoted')
+    """
+    if verdict.get("gate_unchanged"):
+        return "unchanged"
+    return "promoted" if verdict.get("gate_passed") else "rejected"

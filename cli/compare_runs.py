@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from llmtune import compare
+from cli import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLOT = ROOT / "outputs" / "compare" / "loss_curves.png"
@@ -87,7 +87,7 @@ def ui_hint(uri: str) -> str:
 
 def stack_tracking_uri() -> str:
     """The tracking URI of the stack that `run.py --pipeline finetune` would use (created on first use)."""
-    from pipelines.stack import RecipeError, mlflow_tracking_uri, use_project_stack
+    from cli.stack import RecipeError, mlflow_tracking_uri, use_project_stack
 
     try:
         use_project_stack()

@@ -16,10 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llmtune.errors import LlmtuneError
+
 REGISTRY_ARTIFACT_PATH = "registered_model"
 
 
-class PublishError(RuntimeError):
+class PublishError(LlmtuneError, RuntimeError):
     """A destination refused or could not be reached; the message says why and what to do."""
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune.errors import LlmtuneError
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "  # llmtune-schedule:"
 # What a cron job needs to find the same ZenML store, recipe and caches. Never tokens or keys: the crontab
@@ -39,7 +41,7 @@ _CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-]+$")
 _CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"}
 
 
-class ScheduleError(ValueError):
+class ScheduleError(LlmtuneError, ValueError):
     """A bad cron expression, or no way to schedule here; the message says what to do."""
 
 
@@ -156,7 +158,7 @@ def remove_cron_entry(name: str) -> bool:
 
 def install(pipeline: str, cfg: Any, cron: str, argv: list[str]) -> int:
     """Schedule the command `run.py <argv>` (argv without --schedule) on the active stack; print what was done."""
-    from pipelines.stack import orchestrator_supports_schedules, use_project_stack
+    from cli.stack import orchestrator_supports_schedules, use_project_stack
 
     cron = check_cron(cron)
     name = schedule_name(pipeline, argv)
@@ -177,7 +179,7 @@ def _register_zenml_schedule(pipeline: str, cfg: Any, cron: str, name: str) -> N
 
     from zenml.config.schedule import Schedule
 
-    from pipelines.stack import run_options
+    from cli.stack import run_options
 
     definition = getattr(importlib.import_module(f"pipelines.{pipeline}"), pipeline)
     definition.with_options(schedule=Schedule(name=name, cron_expression=cron), **run_options())(

@@ -15,8 +15,10 @@ import importlib.util
 import os
 from types import ModuleType
 
+from llmtune.errors import LlmtuneError
 
-class BackendUnavailable(RuntimeError):
+
+class BackendUnavailable(LlmtuneError, RuntimeError):
     """The configured backend cannot run here; the message says what is missing and what to set."""
 
 
@@ -51,7 +53,7 @@ def resolve_backend(name: str) -> ModuleType:
     if name == "auto":
         name = "unsloth" if cuda_available() and unsloth_installed() else "hf"
     if name == "hf":
-        from llmtune.backends import hf
+        from llmtune.model import hf
 
         return hf
     if name == "unsloth":
@@ -65,7 +67,7 @@ def resolve_backend(name: str) -> ModuleType:
                 "model.backend=unsloth needs the unsloth package: pip install -e '.[gpu]'. "
                 "Or use --set model.backend=hf."
             )
-        from llmtune.backends import unsloth_backend
+        from llmtune.model import unsloth_backend
 
         return unsloth_backend
     raise BackendUnavailable(f"Unknown backend '{name}'; use auto, hf or unsloth.")

@@ -2,7 +2,7 @@
 
 Batching: with `training.packing` unset, `resolve_batching` packs mixed-length data (one flattened row of
 whole examples per batch row, the fast path for instruction data) and keeps plain rows when every example
-has the same length; `llmtune.backends.attention` then gives flattened batches one variable-length
+has the same length; `llmtune.model.attention` then gives flattened batches one variable-length
 attention call per layer.
 
 Example:
@@ -18,18 +18,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from llmtune.backends import attention
 from llmtune.config import TrainingConfig
+from llmtune.errors import LlmtuneError
+from llmtune.model import attention
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LlmtuneError, RuntimeError):
     """Training could not produce a usable adapter; the message says why and what to change."""
 
 
@@ -143,10 +144,11 @@ logging.getLogger("trl.trainer.sft_trainer").addFilter(_FlashOnlyWarningFilter()
 
 
 class LossHistory(TrainerCallback):
-    """Keeps every logged training loss and, when an MLflow run is active, logs it there per step."""
+    """Keeps every logged training loss and hands each one to `on_log(loss, step)` (the step logs it to MLflow)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_log: Callable[[float, int], None] | None = None) -> None:
         self.points: list[dict[str, float]] = []
+        self.forward_to = on_log
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:
@@ -158,14 +160,8 @@ class LossHistory(TrainerCallback):
                 f"training.learning_rate or check that some labels are not masked."
             )
         self.points.append({"step": state.global_step, "loss": loss})
-        _log_mlflow_metric("train_loss", loss, state.global_step)
-
-
-def _log_mlflow_metric(name: str, value: float, step: int) -> None:
-    import mlflow
-
-    if mlflow.active_run() is not None:
-        mlflow.log_metric(name, value, step=step)
+        if self.forward_to is not None:
+            self.forward_to(loss, state.global_step)
 
 
 class _PortableSFTTrainer(SFTTrainer):
@@ -207,16 +203,18 @@ def train(
     max_length: int,
     callbacks: list[TrainerCallback] | None = None,
     checkpoint_dir: str | Path | None = None,
+    on_loss: Callable[[float, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed.
 
-    `callbacks` ride along with the loss history (benchmarks use one to time steps). With a
+    `callbacks` ride along with the loss history (benchmarks use one to time steps); `on_loss(loss, step)`
+    gets every logged loss as it comes (the train step logs it to MLflow). With a
     `checkpoint_dir`, checkpoints are saved there every `cfg.save_steps`, and training resumes from
     the last one found there (model, optimizer, scheduler, RNG and data position), so a killed run
     loses at most one checkpoint interval.
     """
     cfg = resolve_batching(cfg, [len(ids) for ids in train_dataset["input_ids"]])
-    history = LossHistory()
+    history = LossHistory(on_loss)
     resume_from = last_checkpoint(checkpoint_dir) if checkpoint_dir else None
     trainer = _PortableSFTTrainer(
         model=model,

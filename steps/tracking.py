@@ -1,0 +1,109 @@
+"""The one place where step results are tracked: ZenML step (and model version) metadata and the run's MLflow run.
+
+The library returns values or takes a callback (`metric_logger` for the training loss as it falls); only
+this module talks to MLflow's active run or to ZenML's metadata, so a step without an MLflow experiment
+tracker (or a test without a stack) records metadata and skips the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from zenml import get_step_context, log_metadata
+
+from llmtune.config import RunConfig
+
+
+def record(
+    metadata: dict[str, Any], params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None
+) -> None:
+    """Log `metadata` on the step, `params` and `metrics` to the active MLflow run."""
+    log_metadata(metadata=metadata)
+    if mlflow.active_run() is None:
+        return
+    if params:
+        mlflow.log_params({k: "null" if v is None else v for k, v in params.items()})
+    if metrics:
+        mlflow.log_metrics(metrics)
+
+
+def on_model_version(metadata: dict[str, Any]) -> None:
+    """The same facts on the run's ZenML Model version (Model Control Plane), when the run has one."""
+    if get_step_context().model_version is not None:
+        log_metadata(metadata=metadata, infer_model=True)
+
+
+def section_params(section: str, values: Any) -> dict[str, Any]:
+    """A config section as dotted MLflow params: {'training.max_steps': 300, ...}."""
+    return {f"{section}.{k}": v for k, v in values.model_dump().items()}
+
+
+def metric_logger(name: str) -> Callable[[float, int], None]:
+    """A callback for the library that logs `name` at a step to the active MLflow run (a no-op without one)."""
+
+    def log(value: float, step: int) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.log_metric(name, value, step=step)
+
+    return log
+
+
+def log_files(paths: list[Path], folder: str) -> None:
+    """Files (or whole folders) as MLflow artifacts under `folder`, by path (nothing is re-uploaded later)."""
+    if mlflow.active_run() is None:
+        return
+    for path in paths:
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=folder)
+        else:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+def log_text(text: str, name: str) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.log_text(text, name)
+
+
+def log_table(columns: dict[str, list[Any]], name: str) -> None:
+    """A table the MLflow UI shows in the run's Artifacts tab."""
+    if mlflow.active_run() is not None:
+        mlflow.log_table(columns, artifact_file=name)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(tags)
+
+
+def mlflow_run() -> tuple[str, str] | None:
+    """(run id, tracking URI) of the active MLflow run, for destinations that need them (the model registry)."""
+    active = mlflow.active_run()
+    return (active.info.run_id, mlflow.get_tracking_uri()) if active is not None else None
+
+
+def alias_registered_version(name: str, alias: str, version: str) -> None:
+    """Give an MLflow registry version the stage's name as an alias (the ZenML stage change's twin)."""
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def log_run_config_params(cfg: RunConfig) -> None:
+    """Every section of the run's config as MLflow params, from the one step that always runs.
+
+    Steps log their own section when they run, but a step served from ZenML's cache does not run, so
+    without this a run that reused cached data or a cached base would lack those params in MLflow.
+    What a step already logged stays (e.g. the prepare step's detected `data.format` for `auto`).
+    """
+    active = mlflow.active_run()
+    if active is None:
+        return
+    logged = mlflow.get_run(active.info.run_id).data.params
+    params: dict[str, Any] = {}
+    for section in RunConfig.model_fields:
+        params.update(section_params(section, getattr(cfg, section)))
+    missing = {k: "null" if v is None else v for k, v in params.items() if k not in logged}
+    if missing:
+        mlflow.log_params(missing)
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")
