@@ -6,7 +6,8 @@
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
 
 Config problems (bad value, unknown key, missing file, unreadable data) are reported in one paragraph
-with exit code 2 before any model is loaded. Heavy imports happen only after validation.
+with exit code 2 before any model is loaded; so are data problems the prepare step finds (a row the
+chat template refuses, too few rows). Heavy imports happen only after validation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -147,14 +149,20 @@ def run_pipeline(name: str, cfg: object, enable_cache: bool) -> int:
     except RecipeError as err:
         return fail(str(err))
     from llmtune.config import ConfigError
+    from llmtune.data.errors import ERROR_FILE_ENV, left_for_cli
 
-    try:
-        return int(importlib.import_module(f"pipelines.{name}").launch(cfg, enable_cache))
-    except ConfigError as err:  # e.g. a source run or model version that does not exist
-        return fail(str(err))
-    except Exception as err:  # the step logs above carry the detail; end with one clear line
-        print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="llmtune-cli-") as scratch:
+        os.environ[ERROR_FILE_ENV] = os.path.join(scratch, "data-error.txt")  # a step's DataError lands here
+        try:
+            return int(importlib.import_module(f"pipelines.{name}").launch(cfg, enable_cache))
+        except ConfigError as err:  # e.g. a source run or model version that does not exist
+            return fail(str(err))
+        except Exception as err:  # the step logs above carry the detail; end with one clear line
+            data_error = left_for_cli()  # a data problem the user can fix: its paragraph, exit 2
+            if data_error:
+                return fail(data_error)
+            print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

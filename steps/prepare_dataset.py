@@ -6,12 +6,15 @@ from pathlib import Path
 import mlflow
 from transformers import AutoTokenizer
 from zenml import step
+from zenml.logger import get_logger
 
 from llmtune import data
 from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig
 from llmtune.data import report
 from steps._record import record, section_params
+
+logger = get_logger(__name__)
 
 
 @step(experiment_tracker=True)
@@ -21,7 +24,13 @@ def prepare_dataset(
     """`source_fingerprint` (a hash of the local data's bytes) is only here to key the step cache on content."""
     out = tempfile.mkdtemp(prefix="llmtune-data-")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-    stats = data.prepare(cfg, tokenizer, out)
+    try:
+        stats = data.prepare(cfg, tokenizer, out)
+    except data.DataError as err:
+        data.leave_for_cli(err)  # the CLI prints it as one paragraph; the step log keeps the traceback
+        raise
+    for line in report.warning_lines(stats):
+        logger.warning(line)
     record(
         metadata={
             **{k: v for k, v in stats.items() if k not in ("example", "length_histogram")},

@@ -67,21 +67,21 @@ def test_column_mapping_reads_renamed_fields() -> None:
     columns = {"instruction": "question", "output": "answer"}
     assert detect_format({"question": "q", "answer": "a"}, columns) == "alpaca"
     ex = to_example({"question": "q", "answer": "a"}, "alpaca", "row 1", columns)
-    assert ex.turns == (("user", "q"), ("assistant", "a"))
+    assert ex.pairs() == (("user", "q"), ("assistant", "a"))
     turns = {"dialog": [{"speaker": "user", "text": "hi"}, {"speaker": "assistant", "text": "yo"}]}
     ex = to_example(turns, "messages", "row 1", {"messages": "dialog", "role": "speaker", "content": "text"})
-    assert ex.turns == (("user", "hi"), ("assistant", "yo"))
+    assert ex.pairs() == (("user", "hi"), ("assistant", "yo"))
 
 
 def test_sharegpt_and_messages_give_the_same_turns_with_roles_mapped() -> None:
     sharegpt = to_example(SHAREGPT, "sharegpt", "row 1")
     assert sharegpt == to_example(MESSAGES | {"messages": MESSAGES["messages"]}, "messages", "row 1")
-    assert [role for role, _ in sharegpt.turns] == ["system", "user", "assistant", "user", "assistant"]
+    assert [turn.role for turn in sharegpt.turns] == ["system", "user", "assistant", "user", "assistant"]
 
 
 def test_alpaca_system_and_input_become_turns() -> None:
     ex = to_example({"system": "S", "instruction": "I", "input": "X", "output": "O"}, "alpaca", "row 1")
-    assert ex.turns == (("system", "S"), ("user", "I\n\nX"), ("assistant", "O"))
+    assert ex.pairs() == (("system", "S"), ("user", "I\n\nX"), ("assistant", "O"))
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,8 @@ def test_alpaca_system_and_input_become_turns() -> None:
         ({"instruction": "a", "output": 3}, "alpaca", r"row 9: field 'output' must be a string, got int"),
         ({"conversations": []}, "sharegpt", r"row 9: field 'conversations' is an empty conversation"),
         ({"conversations": [{"from": "narrator", "value": "x"}]}, "sharegpt", r"conversations\[0\]: unknown role"),
-        ({"messages": [{"role": "user", "content": ["x"]}]}, "messages", r"messages\[0\]: .*must be a string"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages", r"messages\[0\]: .*must be a string or a list"),
+        ({"messages": [{"role": "user", "content": ["x"]}]}, "messages", r"content\[0\]: a content part must be"),
         ({"messages": "not json"}, "messages", r"not a JSON list of turns"),
         ({"text": None}, "text", r"missing field 'text'"),
     ],
@@ -103,7 +104,7 @@ def test_bad_rows_name_the_row_and_field(row: dict, fmt: str, message: str) -> N
 
 def test_role_map_accepts_extra_role_names() -> None:
     row = {"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}
-    assert to_example(row, "sharegpt", "r", role_map={"narrator": "system"}).turns[0] == ("system", "x")
+    assert to_example(row, "sharegpt", "r", role_map={"narrator": "system"}).pairs()[0] == ("system", "x")
 
 
 def test_only_assistant_turns_carry_loss_in_multi_turn_chat(tokenizer: Any) -> None:

@@ -152,7 +152,7 @@ def test_plain_text_data_prepares_without_a_template(tmp_path: Path, tiny_model_
         (b'{"instruction": "a"}\n', "line 1: missing field 'output'"),
         (b'{"messages": []}\n', "line 1: field 'messages' is an empty conversation"),
         (b'{"messages": [{"role": "wizard", "content": "x"}]}\n', "line 1, messages[0]: unknown role 'wizard'"),
-        (b'{"messages": [{"role": "user", "content": {"a": 1}}]}\n', "field 'content' must be a string, got dict"),
+        (b'{"messages": [{"role": "user", "content": {"a": 1}}]}\n', "'content' must be a string or a list of parts"),
         (b'{"instruction": "\xff", "output": "b"}\n', "line 1: not UTF-8 text"),
     ],
 )
