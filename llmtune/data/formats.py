@@ -221,7 +221,8 @@ def _from_alpaca(row: Mapping[str, Any], where: str, name: Namer) -> Example:
     turns = [Turn("system", system)] if system else []
     turns += _alpaca_history(row, where, name("history"))
     turns += [Turn("user", prompt), Turn("assistant", output)]
-    return Example(turns=tuple(turns), where=where)
+    fields = [name(f) for f in ("system", "history", "instruction", "input", "output") if row.get(name(f))]
+    return Example(turns=tuple(turns), where=f"{where}, fields {', '.join(repr(f) for f in fields)}")
 
 
 def _alpaca_history(row: Mapping[str, Any], where: str, column: str) -> list[Turn]:
@@ -255,7 +256,8 @@ def _from_chat(
     parsed = [_turn(turn, f"{where}, {column}[{i}]", name, roles, non_text_parts) for i, turn in enumerate(raw)]
     turns = _with_system_column(row, [t for t, _ in parsed], where, name("system"))
     tools = _tools(row, where, name("tools"))
-    return Example(turns=tuple(turns), tools=tools, where=where, dropped_parts=sum(n for _, n in parsed))
+    dropped = sum(n for _, n in parsed)
+    return Example(turns=tuple(turns), tools=tools, where=f"{where}, field '{column}'", dropped_parts=dropped)
 
 
 def _with_system_column(row: Mapping[str, Any], turns: list[Turn], where: str, column: str) -> list[Turn]:
