@@ -171,3 +171,99 @@ def test_pad_token_is_never_eos(tokenizer: Any) -> None:
     tokenizer.pad_token = tokenizer.eos_token
     configure_tokenizer(tokenizer, None)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+# --- real-world row shapes (issue 14) ------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+def prepare_fixture(name: str, model_dir: Path, out: Path, **cfg: Any) -> dict[str, Any]:
+    from llmtune.config import DataConfig
+    from llmtune.data import prepare
+
+    return prepare(DataConfig(source=str(FIXTURES / name), **cfg), AutoTokenizer.from_pretrained(model_dir), out)
+
+
+def test_unused_columns_are_listed_with_a_warning(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from llmtune.data import report
+
+    stats = prepare_fixture("unused_columns.jsonl", tiny_model_dir, tmp_path / "out")
+    assert stats["unused_columns"] == ["id", "images"]
+    [warning] = stats["warnings"]
+    assert warning.startswith("Columns not used for training: id, images. images: only text is trained")
+    printed = StringIO()
+    report.print_report(stats, Console(file=printed, width=200))
+    assert f"Data warning: {warning}" in printed.getvalue()
+    assert "Columns not used for training" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_system_column_opens_sharegpt_and_messages_rows() -> None:
+    import json
+
+    row = json.loads((FIXTURES / "sharegpt_system.jsonl").read_text().splitlines()[0])
+    assert to_example(row, "sharegpt", "r").pairs()[:2] == (
+        ("system", "Answer in one word."),
+        ("user", "Colour of a lime?"),
+    )
+    renamed = {"persona": row["system"], "conversations": row["conversations"]}
+    assert to_example(renamed, "sharegpt", "r", {"system": "persona"}).turns[0].role == "system"
+    clash = {**row, "conversations": [{"from": "system", "value": "Be long."}, *row["conversations"]]}
+    with pytest.raises(DataError, match="field 'system' and the conversation's own system turn differ"):
+        to_example(clash, "sharegpt", "r")
+
+
+def test_alpaca_history_becomes_the_earlier_turns(tokenizer: Any) -> None:
+    import json
+
+    row = json.loads((FIXTURES / "alpaca_history.json").read_text())[0]
+    example = to_example(row, "alpaca", "r")
+    assert example.pairs() == (
+        ("user", "What is two plus two?"),
+        ("assistant", "four"),
+        ("user", "And times two?"),
+        ("assistant", "eight"),
+    )
+    assert trained_text(tokenizer, example) == "four<|im_end|>eight<|im_end|>"
+    with pytest.raises(DataError, match=r"history\[0\]: each history entry must be"):
+        to_example({**row, "history": [["only the question"]]}, "alpaca", "r")
+
+
+def test_content_parts_join_text_and_refuse_or_drop_the_rest(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import json
+
+    rows = [json.loads(line) for line in (FIXTURES / "content_parts.jsonl").read_text().splitlines()]
+    assert to_example(rows[0], "messages", "r").pairs() == (("user", "Count the words.\ncat dog"), ("assistant", "2"))
+    with pytest.raises(
+        DataError, match=r"line 2, messages\[0\], content\[0\]: a 'image_url' part.*non_text_parts: drop"
+    ):
+        prepare_fixture("content_parts.jsonl", tiny_model_dir, tmp_path / "a")
+    stats = prepare_fixture("content_parts.jsonl", tiny_model_dir, tmp_path / "b", non_text_parts="drop")
+    assert stats["rows_kept"] == 3 and stats["non_text_parts_dropped"] == 1
+
+
+def test_empty_assistant_turns_are_masked_and_counted(tmp_path: Path, tiny_model_dir: Path, tokenizer: Any) -> None:
+    import json
+
+    row = json.loads((FIXTURES / "empty_answer.jsonl").read_text().splitlines()[0])
+    assert trained_text(tokenizer, to_example(row, "messages", "r")) == "red<|im_end|>"
+    stats = prepare_fixture("empty_answer.jsonl", tiny_model_dir, tmp_path / "out", eval_fraction=0.34)
+    assert stats["empty_answers_masked"] == 1 and stats["rows_kept"] == 3
+
+
+def test_openai_weight_zero_keeps_an_answer_in_the_prompt_without_loss(tokenizer: Any) -> None:
+    row = {
+        "messages": [
+            {"role": "user", "content": "Say red."},
+            {"role": "assistant", "content": "blue", "weight": 0},
+            {"role": "user", "content": "No, red."},
+            {"role": "assistant", "content": "red", "weight": 1},
+        ]
+    }
+    assert trained_text(tokenizer, to_example(row, "messages", "r")) == "red<|im_end|>"
+    with pytest.raises(DataError, match="field 'weight' must be 0 or 1"):
+        to_example({"messages": [{"role": "assistant", "content": "x", "weight": 0.5}]}, "messages", "r")
