@@ -176,3 +176,38 @@ def test_cli_reports_a_missing_file(tiny_model_dir: Path, capsys: pytest.Capture
 
     assert cli.main(["--pipeline", "prepare", "--set", "data.source=no/such/file.jsonl"]) == 2
     assert "data.source: 'no/such/file.jsonl' does not exist" in capsys.readouterr().err
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+def test_skip_with_no_usable_rows_names_the_first_problems(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import run as cli
+
+    source = FIXTURES / "all_bad.jsonl"
+    with pytest.raises(DataError, match=r"has no usable rows\. First problems: .*line 1: missing field 'output'") as e:
+        run_prepare(tmp_path, tiny_model_dir, source=str(source), on_error="skip")
+    assert "line 2: missing field 'instruction'" in str(e.value) and "line 3: field 'output'" in str(e.value)
+    code = cli.main(["--pipeline", "prepare", "--set", f"data.source={source}", "--set", "data.on_error=skip"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "First problems:" in err and "line 3" in err
+
+
+def test_dropping_most_rows_warns_with_lengths_and_settings_or_fails_when_strict(
+    tmp_path: Path, tiny_model_dir: Path, prepared_dir: Path
+) -> None:
+    source = str(FIXTURES / "mostly_long.jsonl")
+    stats = run_prepare(tmp_path / "a", tiny_model_dir, source=source, max_seq_length=40)
+    [warning] = stats["warnings"]
+    assert warning.startswith(
+        "73% of the rows were dropped (8 of 11: too_long 8), more than data.max_dropped_fraction=0.2"
+    )
+    before = stats["token_length_before_limit"]
+    assert f"p95 {before['p95']}" in warning and before["max"] > 40 >= stats["token_length"]["max"]
+    assert "data.max_seq_length is 40" in warning and "data.overlength: truncate" in warning
+    with pytest.raises(DataError, match=r"73% of the rows were dropped.*on_too_many_dropped is raise"):
+        run_prepare(tmp_path / "b", tiny_model_dir, source=source, max_seq_length=40, on_too_many_dropped="raise")
+    lenient = run_prepare(tmp_path / "c", tiny_model_dir, source=source, max_seq_length=40, max_dropped_fraction=0.8)
+    assert lenient["warnings"] == [] and read_stats(prepared_dir)["warnings"] == [], "the demo data drops nothing"
