@@ -4,6 +4,8 @@ file, line and field with the template's message, skipped and counted with on_er
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ from transformers import AutoTokenizer
 from llmtune.config import DataConfig
 from llmtune.data import DataError, prepare
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "data"
 REFUSED = FIXTURES / "refused_by_template.jsonl"
 
 
@@ -47,17 +50,17 @@ def test_with_skip_refused_rows_are_counted_and_the_rest_trained(tmp_path: Path,
 
 
 @pytest.mark.pipeline
-def test_cli_ends_a_step_refusal_with_one_paragraph_and_exit_2(
-    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Preflight reads the rows without rendering them; the prepare step's DataError reaches the CLI."""
-    import run as cli
+def test_cli_ends_a_step_refusal_with_one_paragraph_and_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Preflight reads the rows without rendering them; the prepare step's DataError reaches the CLI.
 
+    A separate process: the real exit status, and no MLflow/ZenML state left in this one.
+    """
     model = tmp_path / "strict-model"
     strict_tokenizer(tiny_model_dir).save_pretrained(model)
     shutil.copy(tiny_model_dir / "config.json", model / "config.json")
-    args = ["--pipeline", "prepare", "--set", f"data.source={REFUSED}", "--set", f"model.name={model}"]
-    assert cli.main([*args, "--no-cache"]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    args = ["--pipeline", "prepare", "--set", f"data.source={REFUSED}", "--set", f"model.name={model}", "--no-cache"]
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=600)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2, done.stderr[-2000:]
     assert last.startswith(f"error: {REFUSED}, line 2, field 'messages': the chat template refused")
     assert "System role not supported" in last and "data.on_error: skip" in last
