@@ -6,7 +6,8 @@
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
 
 Config problems (bad value, unknown key, missing file, unreadable data) are reported in one paragraph
-with exit code 2 before any model is loaded. Heavy imports happen only after validation.
+with exit code 2 before any model is loaded; so are data problems the prepare step finds (a row the
+chat template refuses, too few rows). Heavy imports happen only after validation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -133,16 +135,23 @@ def dispatch(argv: list[str]) -> int:
 def run_pipeline(name: str, cfg: object, enable_cache: bool) -> int:
     from cli.launch import LAUNCHERS
     from cli.stack import use_project_stack
-    from llmtune.errors import LlmtuneError
+    from llmtune.errors import ERROR_FILE_ENV, LlmtuneError, left_for_cli
 
     use_project_stack()  # $LLMTUNE_RECIPE's stack, else the local one
-    try:
-        return LAUNCHERS[name](cfg, enable_cache)  # type: ignore[arg-type]
-    except LlmtuneError:
-        raise
-    except Exception as err:  # the step logs above carry the detail; end with one clear line
-        print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="llmtune-cli-") as scratch:
+        os.environ[ERROR_FILE_ENV] = os.path.join(scratch, "error.txt")  # a failed step's LlmtuneError lands here
+        try:
+            return LAUNCHERS[name](cfg, enable_cache)  # type: ignore[arg-type]
+        except LlmtuneError:
+            raise
+        except Exception as err:  # the step logs above carry the detail; end with one clear line
+            left = left_for_cli()  # a step stopped on a problem the user can fix: its paragraph, exit 2
+            if left:
+                return fail(left)
+            print(f"\nPipeline failed: {type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        finally:
+            os.environ.pop(ERROR_FILE_ENV, None)
 
 
 if __name__ == "__main__":

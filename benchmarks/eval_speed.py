@@ -49,6 +49,7 @@ def build(shape: str, backend_name: str, work: Path, prompts: int) -> tuple[Any,
     from transformers import AutoTokenizer
 
     from llmtune import data
+    from llmtune.artifacts import PreparedData
     from llmtune.config import DataConfig, LoraConfig, ModelConfig
     from llmtune.demo import make_demo_rows, write_jsonl
     from llmtune.model import resolve_backend
@@ -61,9 +62,10 @@ def build(shape: str, backend_name: str, work: Path, prompts: int) -> tuple[Any,
     backend.add_lora(run / "base4bit", LoraConfig(), run / "adapter")
     source = write_jsonl(rows, run / "rows.jsonl")
     data.prepare(DataConfig(source=str(source), eval_fraction=0.2), AutoTokenizer.from_pretrained(base), run / "prep")
-    texts = [p["prompt"] for p in data.read_eval_prompts(run / "prep")][:prompts]
+    prepared = PreparedData(str(run / "prep"))
+    texts = [p["prompt"] for p in prepared.eval_prompts()][:prompts]
     model = backend.load_for_inference(run / "base4bit", run / "adapter")
-    return model, AutoTokenizer.from_pretrained(run / "prep" / "tokenizer"), texts
+    return model, prepared.tokenizer(), texts
 
 
 def time_mode(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch: int, cache: bool) -> dict:

@@ -10,6 +10,7 @@ from zenml.client import Client
 
 from cli import sources
 from cli.stack import mlflow_tracking_uri
+from llmtune.data import report
 
 EXPERIMENT = "finetune"
 
@@ -44,7 +45,9 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
         production = champion_version or verdict.get("gate_champion_version") or "?"
         console.print(_metrics_table(step_output(run, "evaluate", "eval_report"), production))
     experiment = run.pipeline.name if run.pipeline else EXPERIMENT  # the tracker names experiments after pipelines
+    prepared = run.steps.get("prepare_dataset")
     lines = [
+        *(report.warning_lines(step_output(run, "prepare_dataset", "output").stats()) if prepared else []),
         *_gate_lines(verdict, export),
         *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
         f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment) or '(none: all cached)'}",

@@ -27,7 +27,26 @@ from llmtune.errors import LlmtuneError
 DEMO_MODEL_PATH = "assets/demo-base"
 DEMO_DATASET_PATH = "data/demo/instructions.jsonl"
 # Fields of our row formats that data.columns may rename (kept here so config has no data-layer import).
-MAPPABLE_COLUMNS = ("instruction", "input", "output", "system", "conversations", "messages", "text", "role", "content")
+MAPPABLE_COLUMNS = (
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "history",
+    "conversations",
+    "messages",
+    "text",
+    "role",
+    "content",
+    "tools",
+    "prompt",
+    "completion",
+    "chosen",
+    "rejected",
+    "label",
+)
+# What data.role_map may map a role name to; tool_call = an assistant turn whose value is the call (ShareGPT).
+ROLE_TARGETS = ("system", "user", "assistant", "tool", "tool_call")
 
 
 class ConfigError(LlmtuneError, ValueError):
@@ -41,7 +60,7 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = Field(
         DEMO_DATASET_PATH,
-        description="A JSONL/JSON/CSV/Parquet file, a folder of them or from save_to_disk, or a Hub dataset id.",
+        description="A JSONL/JSON/CSV/Parquet/TXT file, a folder of them or from save_to_disk, or a Hub dataset id.",
     )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
         "auto",
@@ -51,10 +70,13 @@ class DataConfig(_Section):
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Your column names for ours, e.g. {instruction: question, output: answer}; keys: "
-        "instruction, input, output, system, conversations, messages, text, role, content.",
+        + ", ".join(MAPPABLE_COLUMNS)
+        + ".",
     )
     role_map: dict[str, str] = Field(
-        default_factory=dict, description="Extra role names mapped to system/user/assistant, e.g. {narrator: system}."
+        default_factory=dict,
+        description="Extra role names mapped to " + "/".join(ROLE_TARGETS) + ", e.g. {narrator: system, "
+        "observation: tool}; tool_call = an assistant turn whose value is a tool call.",
     )
     subset: str | None = Field(None, description="Hub dataset subset (configuration name).")
     split: str = Field("train", description="Split to read from a Hub dataset or a local dataset folder.")
@@ -78,6 +100,38 @@ class DataConfig(_Section):
         description="raise = stop at the first bad row; skip = skip bad rows, count them, report the first few.",
     )
     seed: int = Field(42, description="Seed for the subsample and the train/eval split.")
+    non_text_parts: Literal["error", "drop"] = Field(
+        "error",
+        description="Message content given as typed parts: text parts are joined; image/audio/other parts are an "
+        "error, or (drop) left out and counted.",
+    )
+    text_sample_by: Literal["line", "paragraph", "document"] = Field(
+        "line",
+        description=".txt files: one document per line, per blank-line-separated paragraph, or per file.",
+    )
+    preference: Literal["refuse", "chosen"] = Field(
+        "refuse",
+        description="Preference files (DPO chosen/rejected, KTO label): refuse = stop and say what the file is; "
+        "chosen = train on the chosen answers (KTO: rows labelled true; false rows dropped and counted).",
+    )
+    max_dropped_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        le=1.0,
+        description="Warn (or fail, see on_too_many_dropped) when more than this share of rows is dropped "
+        "(empty, duplicate, too long, invalid...; max_rows and preference drops are not counted).",
+    )
+    on_too_many_dropped: Literal["warn", "raise"] = Field(
+        "warn", description="warn = report it and go on; raise = stop the run with the same message."
+    )
+
+    @field_validator("role_map")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        wrong = sorted(f"{k}: {v}" for k, v in value.items() if v not in ROLE_TARGETS)
+        if wrong:
+            raise ValueError(f"roles can only be mapped to {', '.join(ROLE_TARGETS)}, not {'; '.join(wrong)}")
+        return value
 
     @field_validator("columns")
     @classmethod

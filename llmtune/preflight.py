@@ -31,16 +31,14 @@ def _check_data(cfg: RunConfig) -> None:
     source = Path(cfg.data.source)
     if not source.exists() and not data.looks_like_hub_id(cfg.data.source):
         raise PreflightError(
-            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL, JSON, CSV or "
-            f"Parquet file or a folder (relative to the project root), or a Hub dataset id like owner/name."
+            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL, JSON, CSV, "
+            f"Parquet or TXT file or a folder (relative to the project root), or a Hub dataset id like owner/name."
         )
     if source.is_file():  # cheap to read and convert here; folders and Hub ids are read by the step
-        try:
-            examples, _, _ = data.load_examples(cfg.data, data.ErrorLog(cfg.data.on_error))
+        try:  # raises when no row is usable, naming the first problems
+            data.load_examples(cfg.data, data.ErrorLog(cfg.data.on_error))
         except data.DataError as err:
             raise PreflightError(f"data.source: {err}") from None
-        if not examples:
-            raise PreflightError(f"data.source: '{source}' has no usable rows.")
 
 
 def _check_model(cfg: RunConfig, build_demo: bool) -> None:

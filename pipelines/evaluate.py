@@ -12,9 +12,10 @@ from llmtune.config import RunConfig
 from llmtune.data import source_fingerprint
 from pipelines.finetune import artifact, prepared_data
 from steps import evaluate, import_adapter, load_base_model
+from steps.tracking import leave_user_error
 
 
-@pipeline(name="evaluate")
+@pipeline(name="evaluate", on_failure=leave_user_error)
 def evaluate_adapter(config: dict, source: dict[str, str] | None = None, champion: dict | None = None) -> None:
     """`source`: the artifact ids of a finetune run's `base`, `adapter` and `data`, or None for `source.adapter`."""
     cfg = RunConfig.model_validate(config)

@@ -9,9 +9,10 @@ from zenml import pipeline
 from llmtune.config import RunConfig
 from pipelines.finetune import artifact
 from steps import merge_and_push
+from steps.tracking import leave_user_error
 
 
-@pipeline(name="export")
+@pipeline(name="export", on_failure=leave_user_error)
 def export(config: dict, source: dict[str, str], training_run: str) -> None:
     """`source`: the artifact ids of the finetune run's base, adapter, data, eval_report and training_report."""
     parts = {name: artifact(source.get(name)) for name in ("base", "adapter", "data", "eval_report", "training_report")}

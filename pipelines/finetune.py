@@ -19,9 +19,10 @@ from zenml.client import Client
 from llmtune.config import RunConfig
 from llmtune.data import source_fingerprint
 from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepare_dataset, promotion_gate, train_sft
+from steps.tracking import leave_user_error
 
 
-@pipeline(name="finetune")
+@pipeline(name="finetune", on_failure=leave_user_error)
 def finetune(config: dict, champion: dict | None = None, champion_version: str | None = None) -> None:
     cfg = RunConfig.model_validate(config)
     backend = cfg.model.backend

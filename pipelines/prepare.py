@@ -7,8 +7,9 @@ from zenml import pipeline
 
 from llmtune.config import RunConfig
 from pipelines.finetune import prepared_data
+from steps.tracking import leave_user_error
 
 
-@pipeline(name="prepare")
+@pipeline(name="prepare", on_failure=leave_user_error)
 def prepare(config: dict) -> None:
     prepared_data(RunConfig.model_validate(config))

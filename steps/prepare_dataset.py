@@ -4,12 +4,15 @@ import tempfile
 
 from transformers import AutoTokenizer
 from zenml import step
+from zenml.logger import get_logger
 
 from llmtune import data
 from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig
 from llmtune.data import report
 from steps import tracking
+
+logger = get_logger(__name__)
 
 
 @step(experiment_tracker=True)
@@ -20,6 +23,8 @@ def prepare_dataset(
     out = tempfile.mkdtemp(prefix="llmtune-data-")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     stats = data.prepare(cfg, tokenizer, out)
+    for line in report.warning_lines(stats):
+        logger.warning(line)
     tracking.record(
         metadata={
             **{k: v for k, v in stats.items() if k not in ("example", "length_histogram")},

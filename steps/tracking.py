@@ -15,6 +15,7 @@ import mlflow
 from zenml import get_step_context, log_metadata
 
 from llmtune.config import RunConfig
+from llmtune.errors import leave_for_cli
 
 
 def record(
@@ -107,3 +108,9 @@ def log_run_config_params(cfg: RunConfig) -> None:
     if missing:
         mlflow.log_params(missing)
     mlflow.log_text(cfg.to_yaml(), "config.yaml")
+
+
+def leave_user_error(exception: BaseException) -> None:
+    """The pipelines' failure hook: a step stopped by an error the user can fix leaves it for the CLI, which
+    prints it as one paragraph with exit 2 (the orchestrator itself re-raises a generic RuntimeError)."""
+    leave_for_cli(exception)

@@ -10,8 +10,9 @@ import pytest
 from datasets import load_from_disk
 from transformers import AutoTokenizer
 
+from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig
-from llmtune.data import DataError, prepare, read_eval_prompts, read_stats
+from llmtune.data import DataError, prepare
 
 IGNORE = -100
 
@@ -31,13 +32,13 @@ def run_prepare(tmp_path: Path, model_dir: Path, **cfg: Any) -> dict[str, Any]:
 
 
 def test_prepared_folder_accounts_for_every_row(prepared_dir: Path, demo_rows: list) -> None:
-    stats = read_stats(prepared_dir)
+    stats = PreparedData(str(prepared_dir)).stats()
     train, evals = load_from_disk(str(prepared_dir / "train")), load_from_disk(str(prepared_dir / "eval"))
     assert stats["rows_in"] == len(demo_rows) == stats["rows_kept"] + sum(stats["dropped"].values())
     assert (len(train), len(evals)) == (stats["train_rows"], stats["eval_rows"])
     assert len(evals) == round(0.1 * stats["rows_kept"])
-    assert len(read_eval_prompts(prepared_dir)) == len(evals)
-    assert read_eval_prompts(prepared_dir)[0]["prompt"].endswith("<|im_start|>assistant\n")
+    assert len(PreparedData(str(prepared_dir)).eval_prompts()) == len(evals)
+    assert PreparedData(str(prepared_dir)).eval_prompts()[0]["prompt"].endswith("<|im_start|>assistant\n")
     assert AutoTokenizer.from_pretrained(prepared_dir / "tokenizer").chat_template
     assert stats["trained_tokens"] == sum(sum(label != IGNORE for label in r) for r in train["labels"])
     assert stats["token_length"]["p50"] <= stats["token_length"]["p95"] <= stats["token_length"]["max"]
@@ -45,7 +46,7 @@ def test_prepared_folder_accounts_for_every_row(prepared_dir: Path, demo_rows: l
 
 
 def test_report_marks_trained_tokens_and_draws_the_histogram(prepared_dir: Path) -> None:
-    stats = read_stats(prepared_dir)
+    stats = PreparedData(str(prepared_dir)).stats()
     train = load_from_disk(str(prepared_dir / "train"))
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
     assert "".join(text for text, _ in stats["example"]) == tokenizer.decode(train[0]["input_ids"])
@@ -132,7 +133,7 @@ def test_named_template_is_saved_and_used_for_eval_prompts(
     stats = run_prepare(tmp_path, tiny_model_dir, source=str(rows_file), chat_template="alpaca", max_rows=40)
     saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "tokenizer")
     assert stats["template"] == "alpaca" and "### Response:" in saved.chat_template
-    assert read_eval_prompts(tmp_path / "out")[0]["prompt"].endswith("### Response:\n")
+    assert PreparedData(str(tmp_path / "out")).eval_prompts()[0]["prompt"].endswith("### Response:\n")
     default = run_prepare(tmp_path / "b", tiny_model_dir, source=str(rows_file), max_rows=40)
     assert default["fingerprint"] != stats["fingerprint"], "a different template is different training data"
 
@@ -142,7 +143,7 @@ def test_plain_text_data_prepares_without_a_template(tmp_path: Path, tiny_model_
     stats = run_prepare(tmp_path, tiny_model_dir, source=str(source))
     assert (stats["format"], stats["format_detected"], stats["template"]) == ("text", True, "none (plain text)")
     assert stats["trained_tokens"] == stats["train_tokens"]
-    assert read_eval_prompts(tmp_path / "out") == []
+    assert PreparedData(str(tmp_path / "out")).eval_prompts() == []
 
 
 @pytest.mark.parametrize(
@@ -152,7 +153,7 @@ def test_plain_text_data_prepares_without_a_template(tmp_path: Path, tiny_model_
         (b'{"instruction": "a"}\n', "line 1: missing field 'output'"),
         (b'{"messages": []}\n', "line 1: field 'messages' is an empty conversation"),
         (b'{"messages": [{"role": "wizard", "content": "x"}]}\n', "line 1, messages[0]: unknown role 'wizard'"),
-        (b'{"messages": [{"role": "user", "content": {"a": 1}}]}\n', "field 'content' must be a string, got dict"),
+        (b'{"messages": [{"role": "user", "content": {"a": 1}}]}\n', "'content' must be a string or a list of parts"),
         (b'{"instruction": "\xff", "output": "b"}\n', "line 1: not UTF-8 text"),
     ],
 )
@@ -176,3 +177,39 @@ def test_cli_reports_a_missing_file(tiny_model_dir: Path, capsys: pytest.Capture
 
     assert cli.main(["--pipeline", "prepare", "--set", "data.source=no/such/file.jsonl"]) == 2
     assert "data.source: 'no/such/file.jsonl' does not exist" in capsys.readouterr().err
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+def test_skip_with_no_usable_rows_names_the_first_problems(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import run as cli
+
+    source = FIXTURES / "all_bad.jsonl"
+    with pytest.raises(DataError, match=r"has no usable rows\. First problems: .*line 1: missing field 'output'") as e:
+        run_prepare(tmp_path, tiny_model_dir, source=str(source), on_error="skip")
+    assert "line 2: missing field 'instruction'" in str(e.value) and "line 3: field 'output'" in str(e.value)
+    code = cli.main(["--pipeline", "prepare", "--set", f"data.source={source}", "--set", "data.on_error=skip"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "First problems:" in err and "line 3" in err
+
+
+def test_dropping_most_rows_warns_with_lengths_and_settings_or_fails_when_strict(
+    tmp_path: Path, tiny_model_dir: Path, prepared_dir: Path
+) -> None:
+    source = str(FIXTURES / "mostly_long.jsonl")
+    stats = run_prepare(tmp_path / "a", tiny_model_dir, source=source, max_seq_length=40)
+    [warning] = stats["warnings"]
+    assert warning.startswith(
+        "73% of the rows were dropped (8 of 11: too_long 8), more than data.max_dropped_fraction=0.2"
+    )
+    before = stats["token_length_before_limit"]
+    assert f"p95 {before['p95']}" in warning and before["max"] > 40 >= stats["token_length"]["max"]
+    assert "data.max_seq_length is 40" in warning and "data.overlength: truncate" in warning
+    with pytest.raises(DataError, match=r"73% of the rows were dropped.*on_too_many_dropped is raise"):
+        run_prepare(tmp_path / "b", tiny_model_dir, source=source, max_seq_length=40, on_too_many_dropped="raise")
+    lenient = run_prepare(tmp_path / "c", tiny_model_dir, source=source, max_seq_length=40, max_dropped_fraction=0.8)
+    assert lenient["warnings"] == []
+    assert PreparedData(str(prepared_dir)).stats()["warnings"] == [], "the demo data drops nothing"

@@ -70,7 +70,7 @@ def test_save_to_disk_folder_with_splits(tmp_path: Path) -> None:
 
 
 def test_hub_layout_folder_with_subsets_goes_through_load_dataset(tmp_path: Path) -> None:
-    """The code path of a Hub id (datasets.load_dataset with subset and split) on a local repo-shaped folder."""
+    """A repo-shaped folder: subsets and splits resolved by datasets' own rules (README configs), as for a Hub id."""
     repo = tmp_path / "owner__dataset"
     write_parquet(repo / "short" / "train-00000-of-00001.parquet", ROWS[:1])
     write_parquet(repo / "long" / "train-00000-of-00001.parquet", ROWS[1:])
@@ -122,3 +122,55 @@ def test_missing_source_and_unsupported_type(tmp_path: Path) -> None:
     (tmp_path / "rows.xlsx").write_bytes(b"PK")
     with pytest.raises(DataError, match=r"unsupported file type '\.xlsx'"):
         rows_of(tmp_path / "rows.xlsx")
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.mark.parametrize(
+    ("sample_by", "texts"),
+    [
+        ("line", ["The fox ran over the hill.", "The owl sat in the tree.", "A cat slept."]),
+        ("paragraph", ["The fox ran over the hill.\nThe owl sat in the tree.", "A cat slept.\nThe dog barked twice."]),
+    ],
+)
+def test_txt_files_read_as_text_rows_by_line_or_paragraph(sample_by: str, texts: list[str]) -> None:
+    records = read_records(str(FIXTURES / "documents.txt"), "train", ErrorLog("raise"), text_sample_by=sample_by)
+    assert [r.row["text"] for r in records][: len(texts)] == texts
+    assert records[-1].row == {"text": "Rain fell on the lake."} and records[-1].where.endswith("line 8")
+
+
+def test_a_txt_file_can_be_one_document_and_prepares_as_text(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from llmtune.config import DataConfig
+    from llmtune.data import prepare
+
+    [whole] = read_records(str(FIXTURES / "documents.txt"), "train", ErrorLog("raise"), text_sample_by="document")
+    assert whole.row["text"] == (FIXTURES / "documents.txt").read_text()
+    stats = prepare(
+        DataConfig(source=str(FIXTURES / "documents.txt")), AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path
+    )
+    assert (stats["format"], stats["rows_in"], stats["template"]) == ("text", 5, "none (plain text)")
+
+
+def test_csv_locations_are_the_line_where_a_multi_line_record_starts() -> None:
+    path = FIXTURES / "multiline.csv"
+    with pytest.raises(DataError, match=r"multiline.csv, line 3: more cells than the header"):
+        rows_of(path)
+    skipping = ErrorLog("skip")
+    records = read_records(str(path), "train", skipping)
+    assert [r.where.rsplit(", ", 1)[1] for r in records] == ["line 2", "line 5", "line 7"]
+    assert records[1].row == {"instruction": "Reverse:\nx y", "output": "y x"} and skipping.count == 1
+
+
+def test_rows_of_a_sharded_folder_are_named_by_their_shard_file() -> None:
+    folder = FIXTURES / "shards"
+    with pytest.raises(DataError, match=r"shards/data/train-00001-of-00002.jsonl, line 2: malformed JSON"):
+        rows_of(folder)
+    records = read_records(str(folder), "train", ErrorLog("skip"))
+    assert [Path(r.where.split(", ")[0]).name for r in records] == [
+        "train-00000-of-00002.jsonl",
+        "train-00000-of-00002.jsonl",
+        "train-00001-of-00002.jsonl",
+    ]

@@ -41,6 +41,31 @@ def test_corpus_chrf_and_bleu_are_sacrebleu_corpus_scores_over_100() -> None:
     assert scores["bleu"] == round(BLEU(effective_order=True).corpus_score(predictions, [references]).score / 100, 4)
 
 
+@pytest.mark.parametrize(
+    ("reference", "close", "far"),
+    [
+        ("今天天气很好", "今天天气不错", "我想吃面条"),  # Chinese: no spaces between words
+        ("今日は晴れです", "今日は雨です", "猫が好き"),  # Japanese: kanji and kana, no spaces
+    ],
+)
+def test_rouge_and_bleu_score_unspaced_scripts_per_character(reference: str, close: str, far: str) -> None:
+    names = ["rouge_l", "bleu"]
+    same, near, off = (metrics.sample_scores(p, reference, names) for p in (reference, close, far))
+    assert same == {"rouge_l": 1.0, "bleu": 1.0}
+    assert all(1.0 > near[m] > off[m] for m in names), (near, off)
+    corpus = metrics.corpus_scores([close, far], [reference, reference], names)
+    assert 0.0 < corpus["rouge_l"] < 1.0 and 0.0 < corpus["bleu"] < 1.0
+
+
+def test_chinese_bleu_is_sacrebleus_zh_bleu_and_rouge_counts_characters() -> None:
+    from sacrebleu.metrics import BLEU
+
+    predictions, references = ["今天天气不错。", "我爱北京"], ["今天天气很好。", "我爱上海"]
+    zh = BLEU(effective_order=True, tokenize="zh").corpus_score(predictions, [references]).score / 100
+    assert metrics.corpus_scores(predictions, references, ["bleu"])["bleu"] == round(zh, 4)
+    assert metrics.sample_scores("我爱北京", "我爱上海", ["rouge_l"])["rouge_l"] == 0.5  # 2 of 4 characters
+
+
 def test_unknown_metric_and_length_mismatch_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown metrics \\['rouge'\\]"):
         metrics.sample_scores("a", "a", ["rouge"])
@@ -84,9 +109,9 @@ def tiny_tokenizer(prepared_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def eval_prompts(prepared_dir: Path) -> list[dict[str, str]]:
-    from llmtune.data import read_eval_prompts
+    from llmtune.artifacts import PreparedData
 
-    return read_eval_prompts(prepared_dir)[:6]
+    return PreparedData(str(prepared_dir)).eval_prompts()[:6]
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(

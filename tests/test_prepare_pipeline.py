@@ -18,7 +18,7 @@ def test_prepare_pipeline_prints_report_and_logs_it(
 
     import run as cli
     from cli.stack import mlflow_tracking_uri
-    from llmtune.data import read_stats
+    from llmtune.artifacts import PreparedData
 
     args = ["--pipeline", "prepare", "--set", f"data.source={rows_file}", "--set", f"model.name={tiny_model_dir}"]
     assert cli.main([*args, "--no-cache"]) == 0  # other tests may have prepared the same data already
@@ -37,7 +37,7 @@ def test_prepare_pipeline_prints_report_and_logs_it(
     experiment = client.get_experiment_by_name("prepare")
     assert experiment is not None
     [mlflow_run] = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{run.name}'")
-    stats = read_stats(artifact.load().path)
+    stats = PreparedData(str(artifact.load().path)).stats()
     assert mlflow_run.data.params["data.fingerprint"] == stats["fingerprint"]
     assert mlflow_run.data.metrics["data_rows_in"] == 240
     logged = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "data")}

@@ -1,26 +1,25 @@
 """Dataset preparation: read instruction data in the shape users have it, template, tokenize, mask, split.
 
-Modules, in the order data flows through them: `sources` (files, folders, Hub ids), `formats`
-(alpaca, sharegpt, messages, text -> `Example`), `templates` (chat templates, pad token), `encode`
-(tokens and loss labels), `prepare` (cleaning, length, split, the prepared folder) and `report`
-(what it did, as text, HTML and a plot).
+Modules, in the order data flows through them: `sources` (files, folders, Hub ids), `preference`
+(DPO/KTO files: refused, or their chosen answers as SFT rows), `formats` (alpaca, sharegpt, messages,
+text, tool calls -> `Example`), `templates` (chat templates, pad token, tool support), `encode` (tokens
+and loss labels), `prepare` (cleaning, length, split, warnings, the prepared folder) and `report` (what
+it did, as text, HTML and a plot).
 
 Example:
     >>> from llmtune.config import DataConfig
-    >>> examples, fmt, rows = load_examples(DataConfig(max_rows=5), ErrorLog("raise"))
-    >>> fmt, rows > 5
-    ('alpaca', True)
+    >>> loaded = load_examples(DataConfig(max_rows=5), ErrorLog("raise"))
+    >>> loaded.format, loaded.rows_read > 5, loaded.unused_columns
+    ('alpaca', True, [])
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from llmtune.data.encode import Encoded, encode_examples
+from llmtune.data.encode import Encoded, encode_examples, encode_kept
 from llmtune.data.errors import DataError, ErrorLog
-from llmtune.data.formats import Example, detect_format, to_example
-from llmtune.data.prepare import load_examples, prepare
+from llmtune.data.formats import Example, Turn, detect_format, to_example
+from llmtune.data.preference import detect_preference
+from llmtune.data.prepare import Loaded, load_examples, prepare
 from llmtune.data.sources import looks_like_hub_id, read_records, source_fingerprint
 from llmtune.data.templates import CHATML_TEMPLATE, TEMPLATE_NAMES, configure_tokenizer
 
@@ -31,26 +30,17 @@ __all__ = [
     "Encoded",
     "ErrorLog",
     "Example",
+    "Loaded",
+    "Turn",
     "configure_tokenizer",
     "detect_format",
+    "detect_preference",
     "encode_examples",
+    "encode_kept",
     "load_examples",
     "looks_like_hub_id",
     "prepare",
-    "read_eval_prompts",
     "read_records",
-    "read_stats",
     "source_fingerprint",
     "to_example",
 ]
-
-
-def read_eval_prompts(prepared_dir: str | Path) -> list[dict[str, str]]:
-    """The rendered eval prompts with their references, as written by `prepare`."""
-    lines = (Path(prepared_dir) / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def read_stats(prepared_dir: str | Path) -> dict:
-    """What `prepare` did (counts, lengths, fingerprint, a marked example), as written to stats.json."""
-    return dict(json.loads((Path(prepared_dir) / "stats.json").read_text(encoding="utf-8")))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from llmtune.data.errors import DataError
+from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example
 
 IGNORE = -100
@@ -41,29 +41,42 @@ class Encoded:
         return sum(label != IGNORE for label in self.labels)
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    """The template's text for `messages`; template errors become DataError."""
+def render(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The template's text for `messages` (and the row's tool schemas); template errors become DataError."""
     try:
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
-    except Exception as err:  # jinja raises TemplateError and its own exceptions for unsupported layouts
-        raise DataError(f"The chat template cannot render this conversation: {err}") from None
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return str(text)
+    except Exception as err:  # jinja raises TemplateError and its own exceptions; raise_exception() refusals too
+        roles = ", ".join(m["role"] for m in messages)
+        raise DataError(f"the chat template refused the conversation (turns: {roles}): {err}") from None
 
 
 def assistant_spans(tokenizer: Any, example: Example) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character spans [start, end) of each assistant answer (end-of-turn included)."""
-    messages = example.messages()
-    full = render(tokenizer, messages, add_generation_prompt=False)
+    """The full rendering and the character spans [start, end) of each trained answer (end-of-turn included).
+
+    Answers are the assistant turns that say something or call a tool; empty or weight-0 assistant turns
+    stay in the prompt without loss, and tool results (role tool) are prompt too.
+    """
+    messages, tools = example.messages(), example.tool_schemas()
+    full = render(tokenizer, messages, add_generation_prompt=False, tools=tools)
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for i, turn in enumerate(example.turns):
+        if not turn.is_answer:
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        before = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) if i else ""
         last = i == len(messages) - 1
-        through = full if last else render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        through = full if last else render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
             raise DataError(
-                "The chat template renders earlier turns differently once later turns follow, so answer tokens "
-                "cannot be located. Set data.chat_template to a named template (chatml, llama-3, alpaca)."
+                "the chat template renders earlier turns differently once later turns follow, so answer tokens "
+                "cannot be located. Set data.chat_template to a named template (chatml, llama-3, alpaca)"
             )
         end = len(through.rstrip())  # the newline after an end-of-turn token carries no signal
         spans.append((len(before), end))
@@ -71,41 +84,66 @@ def assistant_spans(tokenizer: Any, example: Example) -> tuple[str, list[tuple[i
 
 
 def prompt_for_last_answer(tokenizer: Any, example: Example) -> tuple[str, str]:
-    """The rendered prompt up to the last assistant turn, and that turn's content (the reference answer)."""
-    messages = example.messages()
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return render(tokenizer, messages[:last], add_generation_prompt=True), messages[last]["content"].strip()
+    """The rendered prompt up to the last trained answer, and that answer (the reference for generation metrics).
+
+    A tool-call answer's reference is the call as the template writes it, which is what the model generates.
+    """
+    messages, tools = example.messages(), example.tool_schemas()
+    last = max(i for i, turn in enumerate(example.turns) if turn.is_answer)
+    prompt = render(tokenizer, messages[:last], add_generation_prompt=True, tools=tools)
+    if example.turns[last].content.strip():
+        return prompt, example.turns[last].content.strip()
+    through = render(tokenizer, messages[: last + 1], add_generation_prompt=False, tools=tools)
+    answer = through[len(prompt) :].strip() if through.startswith(prompt) else ""
+    eos = tokenizer.eos_token or ""
+    return prompt, (answer[: -len(eos)] if eos and answer.endswith(eos) else answer).strip()
 
 
 def encode_examples(tokenizer: Any, examples: Sequence[Example], responses_only: bool) -> list[Encoded]:
-    """Token ids and labels for each example, tokenized in batches (the fast tokenizer runs in Rust)."""
+    """Token ids and labels for each example; a conversation the template refuses raises DataError naming its row."""
+    encoded, _ = encode_kept(tokenizer, examples, responses_only, ErrorLog("raise"))
+    return encoded
+
+
+def encode_kept(
+    tokenizer: Any, examples: Sequence[Example], responses_only: bool, errors: ErrorLog
+) -> tuple[list[Encoded], list[Example]]:
+    """Encode in batches (the fast tokenizer runs in Rust); a refused row goes to `errors` (raised or skipped).
+
+    Returns the encoded examples and the examples they came from, without the skipped ones.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("A fast (Rust) tokenizer is needed to locate answer tokens; this one is a slow tokenizer.")
     batches = [examples[start : start + BATCH] for start in range(0, len(examples), BATCH)]
+    out: list[Encoded | None]
     if batches and batches[0][0].is_text:
         out = [enc for batch in batches for enc in _encode_text_batch(tokenizer, batch)]
     else:
-        out = _encode_chat_batches(tokenizer, batches)
+        out = _encode_chat_batches(tokenizer, batches, errors)
+    kept = [(enc, ex) for enc, ex in zip(out, examples, strict=True) if enc is not None]
     if not responses_only:
-        out = [Encoded(e.input_ids, list(e.input_ids)) for e in out]
-    return out
+        kept = [(Encoded(e.input_ids, list(e.input_ids)), ex) for e, ex in kept]
+    return [enc for enc, _ in kept], [ex for _, ex in kept]
 
 
-def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]]) -> list[Encoded]:
+Rendered = tuple[str, list[tuple[int, int]]] | None
+
+
+def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]], errors: ErrorLog) -> list[Encoded | None]:
     """Render and label in Python while the Rust tokenizer (which releases the GIL) encodes the batch before.
 
     Tokenizing is most of the work and runs on every core; overlapping the single-threaded template
-    rendering and labelling with it keeps both cores busy.
+    rendering and labelling with it keeps both cores busy. A refused row is None in the result.
     """
     # The Rust tokenizer directly: transformers' per-row conversion of offsets costs more than tokenizing.
     encode = partial(tokenizer.backend_tokenizer.encode_batch, add_special_tokens=False)
     end_ids = _end_of_turn_ids(tokenizer)
-    out: list[Encoded] = []
-    pending: tuple[Future, list[tuple[str, list[tuple[int, int]]]]] | None = None
+    out: list[Encoded | None] = []
+    pending: tuple[Future, list[Rendered]] | None = None
     with ThreadPoolExecutor(max_workers=1) as tokenizing:
         for batch in batches:
-            rendered = [assistant_spans(tokenizer, example) for example in batch]
-            submitted = tokenizing.submit(encode, [text for text, _ in rendered])
+            rendered = [_spans_or_refusal(tokenizer, example, errors) for example in batch]
+            submitted = tokenizing.submit(encode, [r[0] for r in rendered if r is not None])
             if pending:
                 out += _label_batch(*pending, tokenizer.eos_token_id, end_ids)
             pending = (submitted, rendered)
@@ -114,13 +152,29 @@ def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]]) -> li
     return out
 
 
-def _label_batch(
-    encoded: Future, rendered: list[tuple[str, list[tuple[int, int]]]], eos_id: int, end_ids: set[int]
-) -> list[Encoded]:
-    results = []
-    for encoding, (_, spans) in zip(encoded.result(), rendered, strict=True):
+def _spans_or_refusal(tokenizer: Any, example: Example, errors: ErrorLog) -> Rendered:
+    """The rendering and answer spans, or None after reporting the template's refusal as a row error."""
+    try:
+        return assistant_spans(tokenizer, example)
+    except DataError as err:
+        errors.bad(
+            f"{example.where}: {err}. Change the row (templates of the Mistral, Llama-2 and Gemma families "
+            f"refuse a system turn and turns that do not alternate user/assistant), use another data.chat_template, "
+            f"or set data.on_error: skip to skip and count such rows."
+        )
+        return None
+
+
+def _label_batch(encoded: Future, rendered: list[Rendered], eos_id: int, end_ids: set[int]) -> list[Encoded | None]:
+    encodings = iter(encoded.result())
+    results: list[Encoded | None] = []
+    for item in rendered:
+        if item is None:
+            results.append(None)
+            continue
+        encoding = next(encodings)
         ids = list(encoding.ids)
-        results.append(_end_at_last_answer(ids, _answer_labels(ids, encoding, spans), eos_id, end_ids))
+        results.append(_end_at_last_answer(ids, _answer_labels(ids, encoding, item[1]), eos_id, end_ids))
     return results
 
 

@@ -1,9 +1,9 @@
 """The whole preparation: read, convert, clean, encode, filter by length, split, write the prepared folder.
 
 The folder (see `PreparedData`) has `train/` and `eval/` in `datasets.save_to_disk` format with
-`input_ids` and `labels` (-100 where no loss), `eval_prompts.jsonl` (rendered prompts and references
-for generation metrics), `tokenizer/` (the template every later stage uses), `stats.json` and
-`report.html` (what preparation did, with a token-length histogram).
+`input_ids` and `labels` (-100 where no loss), the rendered eval prompts with their references (for the
+generation metrics), the tokenizer (the template every later stage uses), the statistics and an HTML report
+(what preparation did, with a token-length histogram): the folder `llmtune.artifacts.PreparedData` names.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig
 from llmtune.data import report
-from llmtune.data.encode import Encoded, encode_examples, prompt_for_last_answer
+from llmtune.data.encode import Encoded, encode_kept, prompt_for_last_answer
 from llmtune.data.errors import DataError, ErrorLog
-from llmtune.data.formats import Example, detect_format, to_example
+from llmtune.data.formats import Example, detect_format, to_example, used_columns
+from llmtune.data.preference import chosen_row, detect_preference, preference_columns, refusal
 from llmtune.data.sources import Record, read_records
-from llmtune.data.templates import configure_tokenizer
+from llmtune.data.templates import check_renders_tools, configure_tokenizer
 
 
 @dataclass
@@ -34,18 +36,74 @@ class Tally:
     rows_in: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     truncated: int = 0
+    lengths_before_limit: list[int] = field(default_factory=list)  # token lengths of every encoded example
 
 
-def load_examples(cfg: DataConfig, errors: ErrorLog, split: str | None = None) -> tuple[list[Example], str, int]:
-    """Read `cfg.source` (or an eval split/file) and convert every row: (examples, format, rows read)."""
+@dataclass
+class Loaded:
+    """Examples read and converted from a source, with what reading them found."""
+
+    examples: list[Example]
+    format: str
+    rows_read: int
+    dropped: Counter[str] = field(default_factory=Counter)  # rows left out on purpose (KTO rows labelled false)
+    preference: str | None = None  # 'dpo' or 'kto' when the file is preference data used as data.preference asks
+    unused_columns: list[str] = field(default_factory=list)
+
+
+# Drops the user asked for (a subsample, KTO rows labelled false) do not count towards data.max_dropped_fraction.
+DELIBERATE_DROPS = ("over_max_rows", "undesirable")
+MEDIA_COLUMNS = ("images", "image", "audios", "audio", "videos", "video")
+
+
+def load_examples(cfg: DataConfig, errors: ErrorLog, split: str | None = None) -> Loaded:
+    """Read `cfg.source` (or an eval split/file) and convert every row; DataError when no row is usable."""
     source, split = _where_to_read(cfg, split)
-    records = read_records(source, split, errors, subset=cfg.subset, revision=cfg.revision)
+    records = read_records(
+        source, split, errors, subset=cfg.subset, revision=cfg.revision, text_sample_by=cfg.text_sample_by
+    )
     rows_read = len(records) + errors.count
     if not records:
         raise DataError(f"Dataset '{source}' (split '{split}') has no usable rows." + _first_errors(errors))
-    fmt = cfg.format if cfg.format != "auto" else _detect(records[0], cfg)
-    examples = [e for e in (_convert(r, fmt, cfg, errors) for r in records) if e is not None]
-    return examples, fmt, rows_read
+    kind = detect_preference(records[0].row, cfg.columns)
+    if kind and cfg.preference == "refuse":
+        raise DataError(refusal(kind, records[0].where, records[0].row))
+    converted, dropped = _chosen_records(records, kind, cfg, errors) if kind else (records, Counter[str]())
+    if not converted:
+        reason = f" (dropped: {dict(dropped)})" if dropped else ""
+        raise DataError(f"Dataset '{source}' (split '{split}') has no usable rows{reason}." + _first_errors(errors))
+    fmt = cfg.format if cfg.format != "auto" else _detect(converted[0], cfg)
+    examples = [e for e in (_convert(r, fmt, cfg, errors) for r in converted) if e is not None]
+    if not examples:
+        raise DataError(f"Dataset '{source}' (split '{split}') has no usable rows." + _first_errors(errors))
+    unused = _unused_columns(records, fmt, cfg, kind)
+    return Loaded(examples, fmt, rows_read, dropped, kind, unused)
+
+
+def _chosen_records(
+    records: list[Record], kind: str, cfg: DataConfig, errors: ErrorLog
+) -> tuple[list[Record], Counter[str]]:
+    """Preference rows as SFT rows with the chosen answer; KTO rows labelled false are counted as undesirable."""
+    kept, dropped = [], Counter[str]()
+    for record in records:
+        try:
+            row = chosen_row(record.row, kind, record.where, cfg.columns)
+        except DataError as err:
+            errors.bad(str(err))
+            continue
+        if row is None:
+            dropped["undesirable"] += 1
+        else:
+            kept.append(Record(row, record.where))
+    return kept, dropped
+
+
+def _unused_columns(records: list[Record], fmt: str, cfg: DataConfig, kind: str | None) -> list[str]:
+    present: set[str] = set()
+    for record in records:
+        present.update(record.row)
+    used = used_columns(fmt, cfg.columns) | (preference_columns(cfg.columns) if kind else set())
+    return sorted(present - used)
 
 
 def _detect(record: Record, cfg: DataConfig) -> str:
@@ -65,7 +123,7 @@ def _where_to_read(cfg: DataConfig, split: str | None) -> tuple[str, str]:
 
 def _convert(record: Record, fmt: str, cfg: DataConfig, errors: ErrorLog) -> Example | None:
     try:
-        return to_example(record.row, fmt, record.where, cfg.columns, cfg.role_map)
+        return to_example(record.row, fmt, record.where, cfg.columns, cfg.role_map, cfg.non_text_parts)
     except DataError as err:
         errors.bad(str(err))
         return None
@@ -95,6 +153,7 @@ def fit_length(
     """Apply max_seq_length (drop or truncate) and drop examples with no token left to learn from."""
     kept_enc, kept_ex = [], []
     for enc, example in zip(encoded, examples, strict=True):
+        tally.lengths_before_limit.append(len(enc.input_ids))
         if len(enc.input_ids) > cfg.max_seq_length:
             if cfg.overlength == "drop":
                 tally.dropped["too_long"] += 1
@@ -112,30 +171,101 @@ def fit_length(
 def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
     """Prepare `cfg.source` for training with `tokenizer`; write the prepared folder; return its stats."""
     errors, tally = ErrorLog(cfg.on_error), Tally()
-    examples, fmt, tally.rows_in = load_examples(cfg, errors)
-    template = configure_tokenizer(tokenizer, cfg.chat_template) if fmt != "text" else "none (plain text)"
+    loaded = load_examples(cfg, errors)
+    tally.rows_in, tally.dropped = loaded.rows_read, Counter(loaded.dropped)
+    template = configure_tokenizer(tokenizer, cfg.chat_template) if loaded.format != "text" else "none (plain text)"
+    check_renders_tools(tokenizer, template, loaded.examples)
     seen: set[Example] = set()
-    examples = _subsample(clean(examples, tally, seen, cfg.dedupe), cfg, tally)
-    train_enc, train_ex = fit_length(_encode(tokenizer, examples, cfg), examples, cfg, tally)
+    examples = _subsample(clean(loaded.examples, tally, seen, cfg.dedupe), cfg, tally)
+    train_enc, train_ex = fit_length(*_encode(tokenizer, examples, cfg, errors), cfg, tally)
     eval_tally = Tally()
     if cfg.eval_split:
         eval_enc, eval_ex = _provided_eval(cfg, tokenizer, eval_tally, seen)
     else:
-        train_enc, train_ex, eval_enc, eval_ex = _split(train_enc, train_ex, cfg, tally)
+        train_enc, train_ex, eval_enc, eval_ex = _split(train_enc, train_ex, cfg, tally, errors)
     tally.dropped["invalid"] += errors.count
-    out = Path(out_dir)
+    warnings = _warnings(cfg, tally, loaded)
+    out = PreparedData(str(out_dir))
     _write(out, tokenizer, train_enc, eval_enc, eval_ex)
-    stats = _stats(cfg, fmt, template, tally, errors, train_enc, eval_enc, tokenizer)
+    stats = _stats(cfg, loaded, template, tally, errors, train_enc, eval_enc, tokenizer)
+    stats.update(_content_counts([*train_ex, *eval_ex]), warnings=warnings)
     if cfg.eval_split:
         stats["eval_rows_in"] = eval_tally.rows_in
         stats["eval_dropped"] = {k: v for k, v in sorted(eval_tally.dropped.items()) if v}
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False))
-    (out / "report.html").write_text(report.to_html(stats), encoding="utf-8")
+    out.stats_file.write_text(json.dumps(stats, indent=2, ensure_ascii=False))
+    out.report_file.write_text(report.to_html(stats), encoding="utf-8")
     return stats
 
 
-def _encode(tokenizer: Any, examples: list[Example], cfg: DataConfig) -> list[Encoded]:
-    return encode_examples(tokenizer, examples, cfg.train_on_responses_only)
+def _encode(
+    tokenizer: Any, examples: list[Example], cfg: DataConfig, errors: ErrorLog
+) -> tuple[list[Encoded], list[Example]]:
+    return encode_kept(tokenizer, examples, cfg.train_on_responses_only, errors)
+
+
+def _content_counts(examples: Sequence[Example]) -> dict[str, int]:
+    """What was left out of the kept examples' loss or text: empty answers (masked), non-text parts (dropped)."""
+    return {
+        "empty_answers_masked": sum(e.empty_answers() for e in examples),
+        "non_text_parts_dropped": sum(e.dropped_parts for e in examples),
+    }
+
+
+def _warnings(cfg: DataConfig, tally: Tally, loaded: Loaded) -> list[str]:
+    """Lines for the report and the run summary; a drop share over the limit raises with on_too_many_dropped."""
+    warnings = []
+    if loaded.unused_columns:
+        warnings.append(unused_columns_warning(loaded.unused_columns))
+    too_many = dropped_share_warning(cfg, tally)
+    if too_many and cfg.on_too_many_dropped == "raise":
+        raise DataError(too_many + " Stopped because data.on_too_many_dropped is raise (warn goes on).")
+    if too_many:
+        warnings.append(too_many + " Set data.on_too_many_dropped: raise to stop on this instead.")
+    return warnings
+
+
+def unused_columns_warning(unused: Sequence[str]) -> str:
+    """The warning for columns the format does not read.
+
+    >>> unused_columns_warning(["id", "images"])
+    "Columns not used for training: id, images. images: only text is trained, so '<image>'-style placeholders \
+in the text are trained as plain text. Map a column that holds training text with data.columns."
+    """
+    media = [c for c in unused if c.lower() in MEDIA_COLUMNS]
+    hint = (
+        f" {', '.join(media)}: only text is trained, so '<image>'-style placeholders in the text are trained as "
+        f"plain text."
+        if media
+        else ""
+    )
+    return (
+        f"Columns not used for training: {', '.join(unused)}.{hint} Map a column that holds training text with "
+        f"data.columns."
+    )
+
+
+def dropped_share_warning(cfg: DataConfig, tally: Tally) -> str | None:
+    """A warning when more than data.max_dropped_fraction of the rows was dropped, with the lengths and settings."""
+    counted = {k: n for k, n in tally.dropped.items() if n and k not in DELIBERATE_DROPS}
+    considered = tally.rows_in - sum(tally.dropped[k] for k in DELIBERATE_DROPS)
+    share = sum(counted.values()) / considered if considered else 0.0
+    if share <= cfg.max_dropped_fraction:
+        return None
+    reasons = ", ".join(f"{k} {n}" for k, n in sorted(counted.items(), key=lambda kv: -kv[1]))
+    message = (
+        f"{share:.0%} of the rows were dropped ({sum(counted.values())} of {considered}: {reasons}), more than "
+        f"data.max_dropped_fraction={cfg.max_dropped_fraction}."
+    )
+    if counted.get("too_long"):
+        lengths = report.length_summary(tally.lengths_before_limit)
+        shown = ", ".join(f"{k} {lengths[k]}" for k in ("p50", "p90", "p95", "p99", "max"))
+        message += (
+            f" Token lengths before the limit: {shown}; data.max_seq_length is {cfg.max_seq_length}. Raise "
+            f"data.max_seq_length (e.g. to {lengths['p95']}, the p95) or set data.overlength: truncate."
+        )
+    if counted.get("invalid"):
+        message += " The first skipped rows say why rows were invalid."
+    return message
 
 
 def _provided_eval(
@@ -144,24 +274,28 @@ def _provided_eval(
     """The eval split or file named by data.eval_split, counted in its own tally."""
     assert cfg.eval_split is not None
     errors = ErrorLog(cfg.on_error)
-    examples, _, tally.rows_in = load_examples(cfg, errors, split=cfg.eval_split)
-    examples = clean(examples, tally, seen, cfg.dedupe)  # an eval example equal to a train one would leak: dropped
-    encoded, examples = fit_length(_encode(tokenizer, examples, cfg), examples, cfg, tally)
+    loaded = load_examples(cfg, errors, split=cfg.eval_split)
+    tally.rows_in, tally.dropped = loaded.rows_read, Counter(loaded.dropped)
+    examples = clean(loaded.examples, tally, seen, cfg.dedupe)  # an eval example equal to a train one would leak
+    encoded, examples = fit_length(*_encode(tokenizer, examples, cfg, errors), cfg, tally)
     tally.dropped["invalid"] += errors.count
     if not encoded:
         raise DataError(
             f"data.eval_split '{cfg.eval_split}' has no usable rows after cleaning ({dict(tally.dropped)})."
+            + _first_errors(errors)
         )
     return encoded, examples
 
 
 def _split(
-    encoded: list[Encoded], examples: list[Example], cfg: DataConfig, tally: Tally
+    encoded: list[Encoded], examples: list[Example], cfg: DataConfig, tally: Tally, errors: ErrorLog
 ) -> tuple[list[Encoded], list[Example], list[Encoded], list[Example]]:
     if len(encoded) < 2:
+        dropped = dict(tally.dropped + Counter(invalid=errors.count))
         raise DataError(
-            f"Only {len(encoded)} usable rows in '{cfg.source}' after cleaning (dropped: {dict(tally.dropped)}); "
+            f"Only {len(encoded)} usable rows in '{cfg.source}' after cleaning (dropped: {dropped}); "
             f"a train/eval split needs at least 2. Check data.max_seq_length, data.format and data.columns."
+            + _first_errors(errors)
         )
     order = list(range(len(encoded)))
     random.Random(cfg.seed).shuffle(order)
@@ -183,30 +317,32 @@ def _subsample(examples: list[Example], cfg: DataConfig, tally: Tally) -> list[E
     return random.Random(cfg.seed).sample(examples, cfg.max_rows)
 
 
-def _write(out: Path, tokenizer: Any, train: list[Encoded], evals: list[Encoded], eval_ex: list[Example]) -> None:
+def _write(
+    out: PreparedData, tokenizer: Any, train: list[Encoded], evals: list[Encoded], eval_ex: list[Example]
+) -> None:
     from datasets import Dataset
     from datasets import utils as datasets_tqdm
 
     was_disabled = datasets_tqdm.are_progress_bars_disabled()
     datasets_tqdm.disable_progress_bars()  # saving takes well under a second; its bars would only be noise
     try:
-        for name, rows in (("train", train), ("eval", evals)):
+        for folder, rows in ((out.train_dir, train), (out.eval_dir, evals)):
             columns = {"input_ids": [r.input_ids for r in rows], "labels": [r.labels for r in rows]}
-            Dataset.from_dict(columns).save_to_disk(str(out / name))
+            Dataset.from_dict(columns).save_to_disk(str(folder))
     finally:
         if not was_disabled:
             datasets_tqdm.enable_progress_bars()
-    with (out / "eval_prompts.jsonl").open("w", encoding="utf-8") as f:
+    with out.eval_prompts_file.open("w", encoding="utf-8") as f:
         for example in eval_ex:
             if not example.is_text:
                 prompt, reference = prompt_for_last_answer(tokenizer, example)
                 f.write(json.dumps({"prompt": prompt, "reference": reference}, ensure_ascii=False) + "\n")
-    tokenizer.save_pretrained(str(out / "tokenizer"))
+    tokenizer.save_pretrained(str(out.tokenizer_dir))
 
 
 def _stats(
     cfg: DataConfig,
-    fmt: str,
+    loaded: Loaded,
     template: str,
     tally: Tally,
     errors: ErrorLog,
@@ -218,8 +354,10 @@ def _stats(
     trained = sum(e.trained_tokens for e in train)
     return {
         "source": cfg.source,
-        "format": fmt,
+        "format": loaded.format,
         "format_detected": cfg.format == "auto",
+        "preference": loaded.preference,
+        "unused_columns": loaded.unused_columns,
         "template": template,
         "rows_in": tally.rows_in,
         "rows_kept": len(train) + (0 if cfg.eval_split else len(evals)),  # rows_in = rows_kept + dropped
@@ -232,6 +370,7 @@ def _stats(
         if cfg.eval_split
         else f"{cfg.eval_fraction:.0%} of rows, seed {cfg.seed}",
         "token_length": report.length_summary(lengths),
+        "token_length_before_limit": report.length_summary(tally.lengths_before_limit),
         "length_histogram": report.histogram(lengths),
         "train_tokens": sum(len(e.input_ids) for e in train),
         "trained_tokens": trained,

@@ -21,6 +21,10 @@ from typing import Any
 from llmtune.data.encode import IGNORE
 
 PERCENTILES = (5, 50, 90, 95, 99)
+PREFERENCE_USE = {
+    "dpo": "DPO pairs: trained on the chosen answers, rejected ones ignored",
+    "kto": "KTO rows: trained on those labelled true, false ones dropped (undesirable)",
+}
 
 
 def length_summary(lengths: Sequence[int]) -> dict[str, float]:
@@ -66,12 +70,19 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
         ("source", str(stats["source"])),
         ("format", f"{stats['format']}" + (" (detected)" if stats["format_detected"] else "")),
         ("chat template", str(stats["template"])),
-        ("rows in", str(stats["rows_in"])),
-        ("rows kept", str(stats["rows_kept"])),
     ]
+    if stats.get("preference"):
+        rows.append(("preference data", PREFERENCE_USE[stats["preference"]]))
+    rows += [("rows in", str(stats["rows_in"])), ("rows kept", str(stats["rows_kept"]))]
     rows += [(f"dropped: {reason}", str(n)) for reason, n in stats["dropped"].items()]
     if stats["truncated"]:
         rows.append(("truncated to max_seq_length", str(stats["truncated"])))
+    if stats.get("unused_columns"):
+        rows.append(("unused columns", ", ".join(stats["unused_columns"])))
+    if stats.get("empty_answers_masked"):
+        rows.append(("empty answers (masked, not trained)", str(stats["empty_answers_masked"])))
+    if stats.get("non_text_parts_dropped"):
+        rows.append(("non-text content parts dropped", str(stats["non_text_parts_dropped"])))
     rows += [
         ("train / eval rows", f"{stats['train_rows']} / {stats['eval_rows']} (eval: {stats['eval_from']})"),
         ("token length", "  ".join(f"{k} {v}" for k, v in lengths.items())),
@@ -93,13 +104,24 @@ def print_report(stats: dict[str, Any], console: Any = None) -> None:
         table.add_row(label, value)
     console.print(table)
     for message in stats.get("first_errors", []):
-        console.print(f"  skipped: {message}", style="yellow")
+        console.print(f"  skipped: {message}", style="yellow", markup=False)
+    for line in warning_lines(stats):
+        console.print(line, style="bold yellow", markup=False, soft_wrap=True)
     console.print(_text_histogram(stats["length_histogram"]))
     example = Text()
     for text, trained in stats["example"]:
         example.append(text, style="bold black on green" if trained else "dim")
     console.print("Example (tokens on green carry loss):")
     console.print(example)
+
+
+def warning_lines(stats: dict[str, Any]) -> list[str]:
+    """The preparation's warnings (too many rows dropped, unused columns), one line each, for any report.
+
+    >>> warning_lines({"warnings": ["Columns not used for training: id."]})
+    ['Data warning: Columns not used for training: id.']
+    """
+    return [f"Data warning: {message}" for message in stats.get("warnings", [])]
 
 
 def _text_histogram(hist: dict[str, list[int]], width: int = 40) -> str:
@@ -114,6 +136,7 @@ def to_html(stats: dict[str, Any]) -> str:
     """A self-contained HTML page: counts table, SVG token-length histogram, the marked example."""
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary_rows(stats))
     errors = "".join(f"<li>{html.escape(m)}</li>" for m in stats.get("first_errors", []))
+    warnings = "".join(f"<p class='w'>{html.escape(m)}</p>" for m in warning_lines(stats))
     example = "".join(
         f'<span class="{"t" if trained else "p"}">{html.escape(text)}</span>' for text, trained in stats["example"]
     )
@@ -121,8 +144,8 @@ def to_html(stats: dict[str, Any]) -> str:
         "<!doctype html><html><head><meta charset='utf-8'><title>Dataset preparation</title><style>"
         "body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}th,td{padding:2px 8px;"
         "text-align:left;border-bottom:1px solid #ddd}pre{white-space:pre-wrap;background:#f6f6f6;padding:8px}"
-        ".t{background:#b7e4b7}.p{color:#777}</style></head><body>"
-        f"<h2>Dataset preparation</h2><table>{rows}</table>"
+        ".t{background:#b7e4b7}.p{color:#777}.w{background:#fff3cd;padding:6px}</style></head><body>"
+        f"<h2>Dataset preparation</h2>{warnings}<table>{rows}</table>"
         + (f"<h3>First skipped rows</h3><ul>{errors}</ul>" if errors else "")
         + f"<h3>Token lengths</h3>{_svg_histogram(stats['length_histogram'])}"
         + f"<h3>Example (green tokens carry loss)</h3><pre>{example}</pre></body></html>"

@@ -1,9 +1,12 @@
 """Where rows come from: JSONL/JSON/CSV/Parquet files, folders of them, `save_to_disk` folders, Hub datasets.
 
-Single files are read by our own strict readers, so a bad row is reported with its file and line.
-Folders that are not `save_to_disk` output go through `datasets.load_dataset`, the same call that
-reads a Hub dataset id (subset, split and revision included); when that fails on a local folder,
-the folder's files for the split are re-read strictly to name the bad line.
+Files are read by our own strict readers, so a bad row is reported with its file and line (for a CSV
+record over several lines, the line where it starts). A local folder's files for the split are found
+by the same rules as `datasets.load_dataset` (file names like train-00000-of-00002.parquet, or the
+README's `configs` for a subset), then read one by one, so an error names the shard file. A Hub
+dataset id, and a folder holding files we have no reader for, go through `datasets.load_dataset`
+(subset, split and revision included). A .txt file is plain text: one document per line, per
+blank-line-separated paragraph, or per file (`data.text_sample_by`, as datasets' text loader).
 
 Example:
     >>> import tempfile, pathlib
@@ -26,7 +29,8 @@ from typing import Any
 
 from llmtune.data.errors import DataError, ErrorLog
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+SAMPLE_BY = ("line", "paragraph", "document")
 
 
 @dataclass(frozen=True)
@@ -73,14 +77,23 @@ def source_fingerprint(source: str) -> str:
 
 
 def read_records(
-    source: str, split: str, errors: ErrorLog, subset: str | None = None, revision: str | None = None
+    source: str,
+    split: str,
+    errors: ErrorLog,
+    subset: str | None = None,
+    revision: str | None = None,
+    text_sample_by: str = "line",
 ) -> list[Record]:
     """Every row of `source` (a file, a folder, or a Hub dataset id), with its location."""
     path = Path(source)
     if path.is_file():
-        return read_file(path, errors)
+        return read_file(path, errors, text_sample_by)
     if path.is_dir() and is_saved_dataset(path):
         return _read_saved_dataset(path, split)
+    if path.is_dir():
+        files = resolved_split_files(path, split, subset)
+        if files and all(f.suffix.lower() in SUPPORTED_SUFFIXES for f in files):
+            return [record for file in files for record in read_file(file, errors, text_sample_by)]
     if path.is_dir() or looks_like_hub_id(source):
         return _read_with_load_dataset(source, split, subset, revision, errors)
     raise DataError(
@@ -89,18 +102,47 @@ def read_records(
     )
 
 
-def read_file(path: Path, errors: ErrorLog) -> list[Record]:
+def read_file(path: Path, errors: ErrorLog, text_sample_by: str = "line") -> list[Record]:
     """Rows of one local data file, chosen by its suffix."""
     readers: dict[str, Callable[[Path, ErrorLog], list[Record]]] = {
         ".jsonl": _read_jsonl,
         ".json": _read_json,
         ".csv": _read_csv,
         ".parquet": _read_parquet,
+        ".txt": lambda p, _: read_text(p, text_sample_by),
     }
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise DataError(f"{path}: unsupported file type '{path.suffix}'. Use one of: {', '.join(readers)}.")
     return reader(path, errors)
+
+
+def read_text(path: Path, sample_by: str = "line") -> list[Record]:
+    """Plain text as `text` rows: one per non-blank line, per blank-line-separated paragraph, or the whole file.
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "notes.txt"
+    >>> _ = path.write_text("one\\ntwo\\n\\nthree\\n")
+    >>> [r.row["text"] for r in read_text(path, "paragraph")], read_text(path)[2].where.endswith("line 4")
+    (['one\\ntwo', 'three'], True)
+    """
+    text = _decode(path)
+    if sample_by == "document":
+        return [Record({"text": text}, f"{path}, line 1")] if text.strip() else []
+    if sample_by not in SAMPLE_BY:
+        raise DataError(f"Unknown data.text_sample_by '{sample_by}'; use one of {', '.join(SAMPLE_BY)}.")
+    records: list[Record] = []
+    block: list[str] = []
+    start = 0
+    for number, line in enumerate([*text.splitlines(), ""], start=1):  # a blank line at the end closes the last block
+        if sample_by == "line" and line.strip():
+            records.append(Record({"text": line}, f"{path}, line {number}"))
+        elif sample_by == "paragraph" and line.strip():
+            block, start = [*block, line], start or number
+        elif block:
+            records.append(Record({"text": "\n".join(block)}, f"{path}, line {start}"))
+            block, start = [], 0
+    return records
 
 
 def _decode(path: Path) -> str:
@@ -150,18 +192,26 @@ def _read_json(path: Path, errors: ErrorLog) -> list[Record]:
 
 
 def _read_csv(path: Path, errors: ErrorLog) -> list[Record]:
-    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
-    if not reader.fieldnames:
-        raise DataError(f"{path}: the CSV file has no header row.")
-    records = []
-    for row in reader:
-        where = f"{path}, line {reader.line_num}"
-        if None in row:
-            errors.bad(f"{where}: more cells than the header has columns ({len(reader.fieldnames)}).")
-        elif any(value is None for value in row.values()):
-            errors.bad(f"{where}: fewer cells than the header has columns ({len(reader.fieldnames)}).")
+    """Rows under the header; a location is the line where the record starts (quoted cells may span lines)."""
+    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    header: list[str] | None = None
+    records, ended = [], 0
+    for cells in reader:
+        start, ended = ended + 1, reader.line_num
+        if not cells:  # a blank line
+            continue
+        if header is None:
+            header = cells
+            continue
+        where = f"{path}, line {start}"
+        if len(cells) > len(header):
+            errors.bad(f"{where}: more cells than the header has columns ({len(header)}).")
+        elif len(cells) < len(header):
+            errors.bad(f"{where}: fewer cells than the header has columns ({len(header)}).")
         else:
-            records.append(Record(dict(row), where))
+            records.append(Record(dict(zip(header, cells, strict=True)), where))
+    if header is None:
+        raise DataError(f"{path}: the CSV file has no header row.")
     return records
 
 
@@ -213,6 +263,18 @@ def _read_folder_strictly(folder: Path, split: str, errors: ErrorLog, cause: Exc
     if not files or (errors.count == 0 and errors.policy == "raise"):
         raise DataError(_load_failure(str(folder), None, split, cause))
     return records
+
+
+def resolved_split_files(folder: Path, split: str, subset: str | None) -> list[Path]:
+    """The files `datasets.load_dataset(folder, subset, split=split)` would read (README configs included)."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(str(folder), name=subset)
+        files = (builder.config.data_files or {}).get(split, [])
+    except Exception:  # no recognisable data files, or an unknown subset: load_dataset says it best
+        return []
+    return [Path(str(f)) for f in files]
 
 
 def split_files(folder: Path, split: str) -> list[Path]:

@@ -21,9 +21,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from llmtune.data.errors import DataError
+from llmtune.data.formats import Example
 
 
 def chatml_template(end_of_turn: str = "<|im_end|>") -> str:
@@ -112,4 +114,35 @@ def set_distinct_pad_token(tokenizer: Any) -> None:
         raise DataError(
             "The tokenizer has no token to pad with other than EOS; padding with EOS would stop the model "
             "from learning to end its answers. Use a tokenizer with a pad, unk or reserved token."
+        )
+
+
+def check_renders_tools(tokenizer: Any, template_name: str, examples: Sequence[Example]) -> None:
+    """Refuse tool rows when the template never reads `tools` / `tool_calls`: it would drop them without a word.
+
+    Templates that render tools (Qwen2.5, Llama-3.1, Hermes-style ChatML) read both names; one that reads
+    neither renders a tool call as an empty assistant turn and the schemas not at all.
+    """
+    with_tools = next((e for e in examples if e.uses_tools()[0]), None)
+    with_calls = next((e for e in examples if e.uses_tools()[1]), None)
+    if with_tools is None and with_calls is None:
+        return
+    source = str(tokenizer.get_chat_template(tools=[{}] if with_tools else None))  # a dict picks its tool_use one
+    missing = [
+        (name, example)
+        for name, example in (("tools", with_tools), ("tool_calls", with_calls))
+        if example is not None and name not in source
+    ]
+    if missing:
+        name, example = missing[0]
+        which = (
+            f"The chat template of the tokenizer '{tokenizer.name_or_path}'"
+            if template_name == "tokenizer"
+            else f"The chat template data.chat_template={template_name}"
+        )
+        what = "tool schemas (a tools column)" if name == "tools" else "assistant tool calls"
+        raise DataError(
+            f"{which} cannot render tools: it never reads `{name}`, so the {what} of rows like {example.where} "
+            f"would be left out of training. Use a model whose chat template renders tools and tool calls "
+            f"(e.g. Qwen2.5, Llama-3.1 or Hermes-style templates), or remove the tool columns and turns."
         )

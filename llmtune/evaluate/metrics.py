@@ -5,9 +5,16 @@ for every metric. `sample_scores` scores one answer (for the samples table); `co
 a set: exact match and ROUGE-L as the mean over samples, chrF and BLEU as sacrebleu corpus scores.
 BLEU uses the effective n-gram order, so short answers without 4-grams still get a non-zero score.
 
+Scripts written without spaces between words (Chinese, Japanese, Thai, ...) are scored per character
+for ROUGE-L and BLEU, as sacrebleu's `zh` tokenizer does for Chinese: rouge_score's default tokenizer
+keeps only a-z and 0-9 (Chinese would score 0), and BLEU's 13a takes an unspaced sentence as one word.
+Text in spaced scripts scores as before; ROUGE-L keeps letters of any alphabet (é, я) in its words.
+
 Example:
     >>> sample_scores("one two three", "one two four", ["exact_match", "rouge_l"])
     {'exact_match': 0.0, 'rouge_l': 0.6667}
+    >>> sample_scores("今天天气很好", "今天天气不错", ["rouge_l"])
+    {'rouge_l': 0.6667}
     >>> corpus_scores(["four two", "fox"], ["four two", "owl"], ["exact_match", "chrf"])
     {'exact_match': 0.5, 'chrf': 0.8972}
 """
@@ -16,6 +23,14 @@ from __future__ import annotations
 
 from functools import cache
 from typing import Any
+
+import regex
+
+# Characters of scripts without spaces between words, and CJK punctuation: each is a token of its own.
+UNSPACED = regex.compile(
+    r"([\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\p{Tibetan}\u3000-\u303f\uff00-\uffef])"
+)
+WORD = regex.compile(r"[^\W_]+")  # letters and digits of any script, as rouge_score's [a-z0-9]+ for English
 
 METRIC_NAMES = ("exact_match", "rouge_l", "chrf", "bleu")
 DIGITS = 4
@@ -36,7 +51,11 @@ def corpus_scores(predictions: list[str], references: list[str], metrics: list[s
     result = {}
     for name in _checked(metrics):
         if name in ("chrf", "bleu"):
-            score = _sacrebleu(name).corpus_score(predictions, [references]).score / 100
+            prepared = _for_sacrebleu(name)
+            scored = _sacrebleu(name).corpus_score(
+                [prepared(p) for p in predictions], [[prepared(r) for r in references]]
+            )
+            score = scored.score / 100
         else:
             score = sum(sample_scores(p, r, [name])[name] for p, r in zip(predictions, references, strict=True)) / len(
                 references
@@ -65,14 +84,38 @@ def _chrf_sentence(prediction: str, reference: str) -> float:
 
 
 def _bleu_sentence(prediction: str, reference: str) -> float:
-    return float(_sacrebleu("bleu").sentence_score(prediction, [reference]).score) / 100
+    return float(_sacrebleu("bleu").sentence_score(spaced(prediction), [spaced(reference)]).score) / 100
+
+
+def spaced(text: str) -> str:
+    """Spaces around each character of an unspaced script, so word-based metrics see one token per character.
+
+    >>> spaced("我爱 NLP")
+    ' 我  爱  NLP'
+    """
+    return UNSPACED.sub(r" \1 ", text)
+
+
+def _for_sacrebleu(name: str) -> Any:
+    return spaced if name == "bleu" else str  # chrF counts character n-grams already
+
+
+class ScriptAwareTokenizer:
+    """rouge_score's tokenizer interface: lower-cased words in any script, one token per unspaced character.
+
+    >>> ScriptAwareTokenizer().tokenize("Das Café, 今日は!")
+    ['das', 'café', '今', '日', 'は']
+    """
+
+    def tokenize(self, text: str) -> list[str]:
+        return list(WORD.findall(spaced(text).lower()))
 
 
 @cache
 def _rouge_scorer() -> Any:
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"])
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=ScriptAwareTokenizer())
 
 
 @cache
