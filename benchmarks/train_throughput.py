@@ -53,6 +53,7 @@ class Run:
     gradient_checkpointing: bool | None = None  # None: on for unsloth, --hf-gradient-checkpointing for hf
     data: str | None = None  # full or length-mix; None: --data
     varlen: bool = True  # training.varlen_attention
+    parallelism: str = "ddp"  # training.parallelism: fsdp shards the 4-bit base and adapter across the GPUs
 
 
 # Run names. Any of them may end in "-<N>gpu" (data-parallel on N GPUs), then "@<B>" (batch B per GPU), then
@@ -72,6 +73,8 @@ RUNS = {
     "unsloth-packed": Run("unsloth", "packed"),
     # the same batching on the backend's own attention over flattened rows (training.varlen_attention=false)
     "hf-packed-novarlen": Run("hf", "packed", varlen=False),
+    # the model sharded across the run's GPUs (FSDP2, 4-bit weights stored in bf16), e.g. hf-fsdp-2gpu
+    "hf-fsdp": Run("hf", parallelism="fsdp"),
     "unsloth-packed-novarlen": Run("unsloth", "packed", varlen=False),
     # Diagnostics, not the pipeline as shipped:
     # the model built as the reference builds it (bf16 load quantized on the fly, get_peft_model), trained by
@@ -412,14 +415,15 @@ def dataset_rows(args: argparse.Namespace, gpus: int = 1) -> list[list[int]]:
     return [[rng.randrange(low, high) for _ in range(n)] for n in lengths]
 
 
-def pipeline_artifacts(args: argparse.Namespace, backend: Any) -> tuple[Path, Path]:
+def pipeline_artifacts(args: argparse.Namespace, backend: Any, quant_storage: str = "uint8") -> tuple[Path, Path]:
     """The load_base_model and inject_lora outputs for this backend, made once per invocation and reused by
-    every run of that backend, as the pipeline caches those steps."""
+    every run of that backend and 4-bit storage type, as the pipeline caches those steps."""
     from llmtune.config import LoraConfig, ModelConfig
 
-    root = Path(args.work) / f"pipeline-{backend.NAME}-r{args.rank}"
+    root = Path(args.work) / f"pipeline-{backend.NAME}-r{args.rank}-{quant_storage}"
     if not (root / "done").is_file():
-        backend.load_quantized(ModelConfig(name=args.model_dir, backend=backend.NAME), root / "base")
+        model = ModelConfig(name=args.model_dir, backend=backend.NAME, quant_storage=quant_storage)
+        backend.load_quantized(model, root / "base")
         backend.add_lora(root / "base", LoraConfig(r=args.rank, alpha=2 * args.rank), root / "adapter")
         (root / "done").write_text("")
     return root / "base", root / "adapter"
@@ -435,7 +439,7 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
     from llmtune.train import distributed, memory, sft
 
     backend = resolve_backend(run.backend)
-    base, adapter = pipeline_artifacts(args, backend)
+    base, adapter = pipeline_artifacts(args, backend, "compute_dtype" if run.parallelism == "fsdp" else "uint8")
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-", dir=args.work))
     Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(work / "train"))
     AutoTokenizer.from_pretrained(args.model_dir).save_pretrained(str(work / "tokenizer"))
@@ -452,6 +456,7 @@ def run_pipeline_path(args: argparse.Namespace, run: Run, rows: list[list[int]])
         logging_steps=10,  # the pipeline's default
         gradient_checkpointing=gc_on,
         num_gpus=run.gpus,
+        parallelism=run.parallelism,
         varlen_attention=run.varlen,
         **BATCHING.get(run.batching, {}),
     )

@@ -154,6 +154,12 @@ class ModelConfig(_Section):
         "auto", description="Dtype of 4-bit matmuls; auto = bfloat16 on CUDA, float32 on CPU."
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (off: safer).")
+    quant_storage: Literal["auto", "uint8", "compute_dtype"] = Field(
+        "auto",
+        description="Element type the packed 4-bit weights are stored in. FSDP shards only floating-point "
+        "parameters, so training.parallelism=fsdp needs compute_dtype (bitsandbytes' bnb_4bit_quant_storage); "
+        "uint8 is bitsandbytes' default. auto = compute_dtype with fsdp, else uint8.",
+    )
 
 
 class LoraConfig(_Section):
@@ -210,9 +216,20 @@ class TrainingConfig(_Section):
     num_gpus: int = Field(
         1,
         ge=0,
-        description="GPUs to train on, data-parallel: one process per GPU (accelerate launch), each with the whole "
-        "4-bit model and its own per_device_train_batch_size rows of every step. 1 = the step's own process; "
-        "0 = every visible GPU (the step's own process when there is none).",
+        description="GPUs to train on: one process per GPU (accelerate launch), each with its own "
+        "per_device_train_batch_size rows of every step. 1 = the step's own process; 0 = every visible GPU "
+        "(the step's own process when there is none). How the model is spread: training.parallelism.",
+    )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several GPUs: ddp = every GPU holds the whole 4-bit model (fastest while it fits one "
+        "GPU); fsdp = the 4-bit base and the adapter are sharded across the GPUs (FSDP2), for models larger "
+        "than one GPU. fsdp trains with the hf backend and stores 4-bit weights in the compute dtype.",
+    )
+    fsdp_cpu_offload: bool = Field(
+        False,
+        description="With parallelism=fsdp: keep the sharded parameters and gradients in CPU memory between "
+        "uses (less GPU memory, slower steps).",
     )
 
     @field_validator("checkpoint_dir")
@@ -380,7 +397,21 @@ class RunConfig(_Section):
         if self.lora.alpha > 64 * self.lora.r:
             raise ValueError(f"lora.alpha={self.lora.alpha} is over 64 x lora.r; training would diverge")
         self._gate_metric_is_scored()
+        self._quant_storage_fits_parallelism()
         return self
+
+    def _quant_storage_fits_parallelism(self) -> None:
+        """Resolve model.quant_storage=auto from training.parallelism; refuse uint8 storage with fsdp."""
+        fsdp = self.training.parallelism == "fsdp"
+        if self.model.quant_storage == "uint8" and fsdp:
+            raise ValueError(
+                "training.parallelism=fsdp shards floating-point parameters only, but model.quant_storage=uint8 "
+                "stores the 4-bit weights as integers; set model.quant_storage=compute_dtype (or auto)"
+            )
+        if self.training.fsdp_cpu_offload and not fsdp:
+            raise ValueError("training.fsdp_cpu_offload=true needs training.parallelism=fsdp")
+        if self.model.quant_storage == "auto":
+            self.model.quant_storage = "compute_dtype" if fsdp else "uint8"
 
     def _gate_metric_is_scored(self) -> None:
         metric, evaluation = self.promotion.metric, self.evaluation

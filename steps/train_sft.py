@@ -50,7 +50,7 @@ def train_sft(
     report = distributed.train_adapter(job, processes, on_loss=tracking.metric_logger("train_loss"))
     tracking.record(
         metadata=report.summary(),
-        params={**tracking.section_params("training", cfg), "training.backend_used": chosen.NAME},
+        params={**tracking.section_params("training", cfg), "training.backend_used": report.backend},
         metrics={
             "train_seconds": report.train_seconds,
             "final_train_loss": report.final_loss,

@@ -79,8 +79,21 @@ def bnb_config(cfg: ModelConfig) -> Any:
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(cfg.compute_dtype),
-        bnb_4bit_quant_storage="uint8",
+        bnb_4bit_quant_storage=quant_storage_dtype(cfg),
     )
+
+
+def quant_storage_dtype(cfg: ModelConfig) -> Any:
+    """What the packed 4-bit weights are stored as: uint8, or the compute dtype (what FSDP can shard).
+
+    >>> quant_storage_dtype(ModelConfig(quant_storage="compute_dtype", compute_dtype="bfloat16"))
+    torch.bfloat16
+    >>> quant_storage_dtype(ModelConfig())  # auto outside a RunConfig, which resolves it from the parallelism
+    torch.uint8
+    """
+    import torch
+
+    return compute_dtype(cfg.compute_dtype) if cfg.quant_storage == "compute_dtype" else torch.uint8
 
 
 def peft_config(cfg: LoraConfig) -> Any:
@@ -120,10 +133,11 @@ def load_quantized(cfg: ModelConfig, out_dir: str | Path) -> dict[str, Any]:
 def quantization_report(model: Any) -> dict[str, Any]:
     """How many layers are 4-bit, and the in-memory footprint against a 16-bit copy."""
     import bitsandbytes as bnb
-    import torch
 
-    # A 4-bit weight is stored packed, two values per uint8 element.
-    n_params = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
+    # A 4-bit weight is stored packed, two values a byte, in uint8 or (for FSDP) wider elements.
+    n_params = sum(
+        p.numel() * p.element_size() * 2 if isinstance(p, bnb.nn.Params4bit) else p.numel() for p in model.parameters()
+    )
     return {
         "linear4bit_layers": sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()),
         "footprint_bytes": int(model.get_memory_footprint()),

@@ -162,6 +162,7 @@ def train_adapter(
     Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve: as
     training goes in this process, at the end from rank 0's report when the workers ran elsewhere.
     """
+    job = for_parallelism(job, processes)
     if processes <= 1:
         return train_this_rank(job, rank=0, on_loss=on_loss)
     report = train_data_parallel(job, processes)
@@ -169,6 +170,21 @@ def train_adapter(
         for point in report.loss_history:
             on_loss(point["loss"], int(point["step"]))
     return report
+
+
+def for_parallelism(job: TrainJob, processes: int) -> TrainJob:
+    """`job` as it trains on `processes` processes: fsdp with one process trains unsharded, and fsdp trains
+    with the hf backend (see `llmtune.train.fsdp`); each change is printed for the step log."""
+    from llmtune.train import fsdp
+
+    note = fsdp.single_process_note(job.training, processes)
+    if note:
+        print(note, flush=True)
+        return dataclasses.replace(job, training=job.training.model_copy(update={"parallelism": "ddp"}))
+    backend, why = fsdp.training_backend(job.backend, job.training)
+    if why:
+        print(why, flush=True)
+    return dataclasses.replace(job, backend=backend)
 
 
 def train_data_parallel(job: TrainJob, processes: int) -> TrainingReport:
@@ -249,7 +265,7 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
     from transformers import AutoTokenizer
 
     from llmtune.model import resolve_backend
-    from llmtune.train import memory, sft
+    from llmtune.train import fsdp, memory, sft
 
     use_this_processes_gpu()
     cfg = job.training
@@ -257,7 +273,7 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
     memory.reset_peak_memory()
     with memory.explain_oom(memory_settings(job, cfg)):
         model = backend.load_trainable(
-            job.base_dir, job.adapter_dir, cfg.gradient_checkpointing, max_seq_length=job.max_seq_length
+            job.base_dir, job.adapter_dir, fsdp.trainer_checkpointing(cfg), max_seq_length=job.max_seq_length
         )
         result = sft.train(
             model,
@@ -269,6 +285,7 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
             callbacks=[make_callback(name) for name in job.callbacks],
             checkpoint_dir=job.checkpoint_dir,
             on_loss=on_loss,
+            save_adapter_to=job.out_dir,
         )
     report = TrainingReport(
         **result,
@@ -277,7 +294,6 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
         hardware=memory.describe_hardware(),
     )
     if rank == 0:
-        model.save_pretrained(job.out_dir)
         job.report_file.write_text(report.model_dump_json(indent=2))
     return report
 

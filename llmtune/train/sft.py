@@ -28,6 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from llmtune.config import TrainingConfig
 from llmtune.errors import LlmtuneError
 from llmtune.model import attention
+from llmtune.train import fsdp
 
 
 class TrainingError(LlmtuneError, RuntimeError):
@@ -79,7 +80,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=fsdp.trainer_checkpointing(cfg),
         # Non-reentrant checkpointing and no search for unused parameters: what DistributedDataParallel needs
         # over a 4-bit base whose LoRA weights all take part in every step (one process: no effect).
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -108,6 +109,7 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         dataloader_num_workers=0,
         disable_tqdm=False,
         dataset_num_proc=None,
+        **fsdp.trainer_arguments(cfg),
     )
 
 
@@ -204,6 +206,7 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     checkpoint_dir: str | Path | None = None,
     on_loss: Callable[[float, int], None] | None = None,
+    save_adapter_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed.
 
@@ -211,7 +214,8 @@ def train(
     gets every logged loss as it comes (the train step logs it to MLflow). With a
     `checkpoint_dir`, checkpoints are saved there every `cfg.save_steps`, and training resumes from
     the last one found there (model, optimizer, scheduler, RNG and data position), so a killed run
-    loses at most one checkpoint interval.
+    loses at most one checkpoint interval. With `save_adapter_to`, the first process saves the trained
+    adapter there (under FSDP after every process has helped gather its shards).
     """
     cfg = resolve_batching(cfg, [len(ids) for ids in train_dataset["input_ids"]])
     history = LossHistory(on_loss)
@@ -235,6 +239,8 @@ def train(
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
+    if save_adapter_to is not None:
+        save_adapter(trainer, model, cfg, save_adapter_to)
     if not history.points:
         history.points.append({"step": cfg.max_steps, "loss": float(result.training_loss)})
     tokens = sum(len(ids) for ids in trained_on["input_ids"]) * _epochs_seen(trainer, trained_on)
@@ -255,6 +261,13 @@ def train(
         "epochs": round(_epochs_seen(trainer, trained_on), 3),
         "data_parallel_processes": int(trainer.args.world_size),
     }
+
+
+def save_adapter(trainer: Any, model: Any, cfg: TrainingConfig, out_dir: str | Path) -> None:
+    """Rank 0 writes the adapter in PEFT format; a sharded model's adapter is gathered on every rank first."""
+    state = fsdp.full_adapter_state(model) if fsdp.enabled(cfg) and trainer.args.world_size > 1 else None
+    if trainer.args.process_index == 0:
+        model.save_pretrained(str(out_dir), state_dict=state)
 
 
 def batching_summary(cfg: TrainingConfig, flattened: bool, examples: int, rows: int, processes: int = 1) -> str:
