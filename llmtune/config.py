@@ -47,6 +47,17 @@ MAPPABLE_COLUMNS = (
 )
 # What data.role_map may map a role name to; tool_call = an assistant turn whose value is the call (ShareGPT).
 ROLE_TARGETS = ("system", "user", "assistant", "tool", "tool_call")
+# The chat templates llmtune writes itself (llmtune/data/templates.py), for tokenizers that ship none.
+CHAT_TEMPLATE_NAMES = ("chatml", "llama-3", "mistral", "gemma", "phi-3", "alpaca")
+
+
+def looks_like_file_path(value: str) -> bool:
+    """True for a value meant as a file: it names a folder or has a template suffix (not a bare template name).
+
+    >>> looks_like_file_path("templates/gemma.jinja"), looks_like_file_path("my.j2"), looks_like_file_path("gemma")
+    (True, True, False)
+    """
+    return "/" in value or "\\" in value or value.endswith((".jinja", ".jinja2", ".j2"))
 
 
 class ConfigError(LlmtuneError, ValueError):
@@ -84,8 +95,11 @@ class DataConfig(_Section):
     eval_split: str | None = Field(
         None, description="Held-out split of the same source (e.g. test), or a file; null = eval_fraction of rows."
     )
-    chat_template: Literal["chatml", "llama-3", "alpaca"] | None = Field(
-        None, description="Named template for tokenizers without one; null uses the tokenizer's own."
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for tokenizers without one: a name ("
+        + ", ".join(CHAT_TEMPLATE_NAMES)
+        + ") or the path of a Jinja file (e.g. templates/my-model.jinja); null uses the tokenizer's own.",
     )
     train_on_responses_only: bool = Field(True, description="Loss on assistant turns only (prompt tokens masked).")
     max_seq_length: int = Field(256, ge=8, le=131072, description="Longest example in tokens.")
@@ -132,6 +146,16 @@ class DataConfig(_Section):
         if wrong:
             raise ValueError(f"roles can only be mapped to {', '.join(ROLE_TARGETS)}, not {'; '.join(wrong)}")
         return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name_or_file(cls, value: str | None) -> str | None:
+        if value is None or value in CHAT_TEMPLATE_NAMES or looks_like_file_path(value):
+            return value
+        raise ValueError(
+            f"'{value}' is not a template name; use one of {', '.join(CHAT_TEMPLATE_NAMES)}, the path of a Jinja "
+            "file (ending in .jinja, or with a folder, e.g. ./my_template), or null for the tokenizer's own"
+        )
 
     @field_validator("columns")
     @classmethod

@@ -26,7 +26,7 @@ from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example, detect_format, to_example, used_columns
 from llmtune.data.preference import chosen_row, detect_preference, preference_columns, refusal
 from llmtune.data.sources import Record, read_records
-from llmtune.data.templates import check_renders_tools, configure_tokenizer
+from llmtune.data.templates import check_renders_tools, configure_tokenizer, describe_template
 
 
 @dataclass
@@ -177,10 +177,10 @@ def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, A
     check_renders_tools(tokenizer, template, loaded.examples)
     seen: set[Example] = set()
     examples = _subsample(clean(loaded.examples, tally, seen, cfg.dedupe), cfg, tally)
-    train_enc, train_ex = fit_length(*_encode(tokenizer, examples, cfg, errors), cfg, tally)
+    train_enc, train_ex = fit_length(*_encode(tokenizer, examples, cfg, errors, template), cfg, tally)
     eval_tally = Tally()
     if cfg.eval_split:
-        eval_enc, eval_ex = _provided_eval(cfg, tokenizer, eval_tally, seen)
+        eval_enc, eval_ex = _provided_eval(cfg, tokenizer, template, eval_tally, seen)
     else:
         train_enc, train_ex, eval_enc, eval_ex = _split(train_enc, train_ex, cfg, tally, errors)
     tally.dropped["invalid"] += errors.count
@@ -198,9 +198,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, A
 
 
 def _encode(
-    tokenizer: Any, examples: list[Example], cfg: DataConfig, errors: ErrorLog
+    tokenizer: Any, examples: list[Example], cfg: DataConfig, errors: ErrorLog, template: str
 ) -> tuple[list[Encoded], list[Example]]:
-    return encode_kept(tokenizer, examples, cfg.train_on_responses_only, errors)
+    return encode_kept(tokenizer, examples, cfg.train_on_responses_only, errors, describe_template(tokenizer, template))
 
 
 def _content_counts(examples: Sequence[Example]) -> dict[str, int]:
@@ -269,7 +269,7 @@ def dropped_share_warning(cfg: DataConfig, tally: Tally) -> str | None:
 
 
 def _provided_eval(
-    cfg: DataConfig, tokenizer: Any, tally: Tally, seen: set[Example]
+    cfg: DataConfig, tokenizer: Any, template: str, tally: Tally, seen: set[Example]
 ) -> tuple[list[Encoded], list[Example]]:
     """The eval split or file named by data.eval_split, counted in its own tally."""
     assert cfg.eval_split is not None
@@ -277,7 +277,7 @@ def _provided_eval(
     loaded = load_examples(cfg, errors, split=cfg.eval_split)
     tally.rows_in, tally.dropped = loaded.rows_read, Counter(loaded.dropped)
     examples = clean(loaded.examples, tally, seen, cfg.dedupe)  # an eval example equal to a train one would leak
-    encoded, examples = fit_length(*_encode(tokenizer, examples, cfg, errors), cfg, tally)
+    encoded, examples = fit_length(*_encode(tokenizer, examples, cfg, errors, template), cfg, tally)
     tally.dropped["invalid"] += errors.count
     if not encoded:
         raise DataError(
