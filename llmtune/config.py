@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmtune.errors import LlmtuneError
+from llmtune.paths import PROJECT_DIR, PathKind, resolve
 
 DEMO_MODEL_PATH = "assets/demo-base"
 DEMO_DATASET_PATH = "data/demo/instructions.jsonl"
@@ -435,21 +437,71 @@ class RunConfig(_Section):
         return cls.model_validate(known)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- `section.key=value` overrides, validated; raises ConfigError."""
-    raw = _read_yaml(Path(path)) if path else {}
+# Config keys that hold paths, and what they name (see llmtune/paths.py for where a relative one points).
+PATH_KEYS: dict[tuple[str, str], PathKind] = {
+    ("data", "source"): "input",
+    ("data", "eval_split"): "split",
+    ("data", "chat_template"): "file",
+    ("model", "name"): "input",
+    ("training", "checkpoint_dir"): "output",
+    ("export", "output_dir"): "output",
+    ("source", "adapter"): "input",
+}
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, cwd: str | Path | None = None
+) -> RunConfig:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated, paths made absolute; raises ConfigError.
+
+    `cwd` is where the command was started (default: the current directory): `path` and the paths in
+    `overrides` are relative to it. Paths in the file are relative to the file's folder when they are there,
+    else to the project folder, and defaults to the project folder (`llmtune.paths`).
+
+    >>> cfg = load_config(None, ["export.output_dir=my-runs"], cwd="/tmp")
+    >>> cfg.export.output_dir, cfg.data.source == str(PROJECT_DIR / DEMO_DATASET_PATH)
+    ('/tmp/my-runs', True)
+    """
+    started_in = Path(os.path.abspath(Path(cwd) if cwd is not None else Path.cwd()))
+    raw: dict[str, Any] = {}
+    if path:
+        file = Path(os.path.abspath(started_in / Path(path).expanduser()))
+        raw = _read_yaml(file, given=str(path))
+        _resolve_paths(raw, [file.parent, PROJECT_DIR])
     for item in overrides or []:
-        _apply_override(raw, item)
+        _apply_override(raw, item, started_in)
+    _resolve_defaults(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_explain(err, source=str(path) if path else "defaults and --set")) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _resolve_paths(raw: dict[str, Any], bases: list[Path]) -> None:
+    """Make the path values of a config file absolute, in place (values of the wrong type are left to validation)."""
+    for (section, key), kind in PATH_KEYS.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            values[key] = resolve(values[key], kind, bases, names=CHAT_TEMPLATE_NAMES)
+
+
+def _resolve_defaults(raw: dict[str, Any]) -> None:
+    """Defaults that are paths (the demo data and model, outputs/) name places in the project folder."""
+    for (section, key), kind in PATH_KEYS.items():
+        values = raw.setdefault(section, {})
+        default = _section_class(section).model_fields[key].default
+        if isinstance(values, dict) and key not in values and isinstance(default, str):
+            values[key] = resolve(default, kind, [PROJECT_DIR], names=CHAT_TEMPLATE_NAMES)
+    model = raw["model"]
+    if isinstance(model, dict) and model.get("name") == DEMO_MODEL_PATH:  # built on first use, so not there yet
+        model["name"] = str(PROJECT_DIR / DEMO_MODEL_PATH)  # and owner/name-shaped: never a Hub id
+
+
+def _read_yaml(path: Path, given: str) -> dict[str, Any]:
     if not path.is_file():
+        where = "" if given == str(path) else f" (looked for {path}: --config is read from the folder you run in)"
         raise ConfigError(
-            f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
+            f"Config file '{given}' does not exist{where}. Pass an existing YAML file with --config "
             f"(the shipped ones are under configs/)."
         )
     try:
@@ -466,7 +518,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str, started_in: Path) -> None:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -483,7 +535,10 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not isinstance(raw[section], dict):
         raise ConfigError(f"Section '{section}' must be a mapping.")
     # YAML parsing gives `5` -> int, `true` -> bool, `null` -> None, `[a, b]` -> list, like in the file.
-    raw[section][field] = yaml.safe_load(text) if text.strip() else text
+    value = yaml.safe_load(text) if text.strip() else text
+    if (section, field) in PATH_KEYS:  # a path typed on the command line is relative to where it was typed
+        value = resolve(value, PATH_KEYS[section, field], [started_in], names=CHAT_TEMPLATE_NAMES)
+    raw[section][field] = value
 
 
 def _section_class(section: str) -> type[BaseModel]:
