@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2")
 
 # input: a file or folder to read, or a Hub id; output: a folder to write; split: a split name or a file to
 # read; file: a file to read, or one of the names passed as `names`.
@@ -62,10 +63,15 @@ def resolve(value: Any, kind: PathKind, bases: Sequence[Path], names: Collection
             return os.path.abspath(base / path)
     if kind == "input" and looks_like_hub_id(value):
         return value
-    if kind == "split" and not _looks_like_a_path(value):
+    if kind in ("split", "file") and not _looks_like_a_path(value):  # a split or template name, checked later
         return value
     return os.path.abspath(bases[-1] / path)
 
 
 def _looks_like_a_path(value: str) -> bool:
-    return "/" in value or os.sep in value or value.endswith(DATA_FILE_SUFFIXES)
+    """A value found nowhere is still meant as a path when it names a folder or has a data or template suffix.
+
+    >>> _looks_like_a_path("gema"), _looks_like_a_path("my.jinja"), _looks_like_a_path("test")
+    (False, True, False)
+    """
+    return "/" in value or os.sep in value or value.endswith((*DATA_FILE_SUFFIXES, *TEMPLATE_FILE_SUFFIXES))
