@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmtune import data
-from llmtune.config import CHAT_TEMPLATE_NAMES, DEMO_MODEL_PATH, RunConfig
+from llmtune.config import CHAT_TEMPLATE_NAMES, DEMO_MODEL_PATH, DataEntry, RunConfig
 from llmtune.errors import LlmtuneError
 from llmtune.paths import PROJECT_DIR
 
@@ -36,23 +36,32 @@ WHERE_PATHS_POINT = (
 
 
 def _check_data(cfg: RunConfig) -> None:
-    source = Path(cfg.data.source)
-    if not source.exists() and not data.looks_like_hub_id(cfg.data.source):
-        raise PreflightError(
-            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL, JSON, CSV, "
-            f"Parquet or TXT file or a folder, or a Hub dataset id like owner/name. {WHERE_PATHS_POINT}"
-        )
+    for entry in cfg.data.entries():
+        _check_source(entry)
     template = cfg.data.chat_template
     if template and template not in CHAT_TEMPLATE_NAMES and not Path(template).is_file():
         raise PreflightError(
             f"data.chat_template: '{template}' does not exist. Give the path of a Jinja chat template file, or "
             f"one of the names {', '.join(CHAT_TEMPLATE_NAMES)}. {WHERE_PATHS_POINT}"
         )
+
+
+def _check_source(entry: DataEntry) -> None:
+    """One dataset (data.source, or an entry of data.sources) exists, and a local file has a usable row."""
+    key, given = entry.key, str(entry.cfg.source)
+    field = "data.source" if key == "data.source" else f"{key}.source"
+    source = Path(given)
+    if not source.exists() and not data.looks_like_hub_id(given):
+        raise PreflightError(
+            f"{field}: '{given}' does not exist. Point {field} at a JSONL, JSON, CSV, "
+            f"Parquet or TXT file or a folder, or a Hub dataset id like owner/name. {WHERE_PATHS_POINT}"
+        )
     if source.is_file():  # cheap to read and convert here; folders and Hub ids are read by the step
         try:  # raises when no row is usable, naming the first problems
-            data.load_examples(cfg.data, data.ErrorLog(cfg.data.on_error))
+            data.load_examples(entry.cfg, data.ErrorLog(entry.cfg.on_error))
         except data.DataError as err:
-            raise PreflightError(f"data.source: {err}") from None
+            prefix = "data.source: " if key == "data.source" else ""  # an entry's message starts with its key
+            raise PreflightError(prefix + data.in_entry(entry, str(err))) from None
 
 
 def _check_model(cfg: RunConfig, build_demo: bool) -> None:

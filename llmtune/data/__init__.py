@@ -19,7 +19,7 @@ from llmtune.data.encode import Encoded, encode_examples, encode_kept
 from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example, Turn, detect_format, to_example
 from llmtune.data.preference import detect_preference
-from llmtune.data.prepare import Loaded, load_examples, prepare
+from llmtune.data.prepare import Loaded, in_entry, load_examples, prepare, sources_fingerprint
 from llmtune.data.sources import looks_like_hub_id, read_records, source_fingerprint
 from llmtune.data.templates import CHATML_TEMPLATE, TEMPLATE_NAMES, configure_tokenizer
 
@@ -37,10 +37,12 @@ __all__ = [
     "detect_preference",
     "encode_examples",
     "encode_kept",
+    "in_entry",
     "load_examples",
     "looks_like_hub_id",
     "prepare",
     "read_records",
     "source_fingerprint",
+    "sources_fingerprint",
     "to_example",
 ]
