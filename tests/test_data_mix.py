@@ -120,6 +120,8 @@ def test_bad_entries_are_named_by_index_and_field(
         load({"source": str(b), "weight": 2})
     with pytest.raises(DataError, match=r"^data.sources\[1\] \(b.jsonl\): .*line 1.* check data.sources\[1\].format"):
         run(tmp_path, tiny_model_dir, sources=[str(a), {"source": str(b), "format": "alpaca"}])
+    with pytest.raises(DataError, match=r"^data.sources\[1\] \(a.jsonl #1\) has no rows left .*duplicate 60"):
+        run(tmp_path, tiny_model_dir, sources=[{"source": str(a), "weight": 1}, {"source": str(a), "weight": 1}])
     missing = load_config(None, [f"data.sources=[{a}, {tmp_path / 'nowhere.jsonl'}]", "model.name=/no/model"])
     with pytest.raises(PreflightError, match=r"^data.sources\[1\].source: '.*nowhere.jsonl' does not exist"):
         check_inputs(missing, build_demo=False)

@@ -283,6 +283,13 @@ def _draw(parts: Sequence[SourceRows], cfg: DataConfig) -> MixPlan | None:
     if any(w is None for w in weights):
         _cap_total(parts, cfg)
         return None
+    for part in parts:
+        if part.available == 0:  # e.g. every row a duplicate of another source's: no share of it can be drawn
+            dropped = ", ".join(f"{k} {n}" for k, n in sorted(part.tally.dropped.items()) if n)
+            raise DataError(
+                f"{part.entry.key} ({part.entry.label}) has no rows left after cleaning (dropped: {dropped}), so "
+                f"its weight cannot be met. Remove the entry, or check its rows and data.dedupe."
+            )
     plan = plan_mix([part.available for part in parts], [w for w in weights if w is not None], cfg.max_rows)
     for part, by_weight, count in zip(parts, plan.by_weight, plan.counts, strict=True):
         part.examples = _sample(part.examples, by_weight, cfg.seed, part.tally, "over_weight")
