@@ -3,7 +3,8 @@
 Modules, in the order data flows through them: `sources` (files, folders, Hub ids), `preference`
 (DPO/KTO files: refused, or their chosen answers as SFT rows), `formats` (alpaca, sharegpt, messages,
 text, tool calls -> `Example`), `templates` (chat templates, pad token, tool support), `encode` (tokens
-and loss labels), `prepare` (cleaning, length, split, warnings, the prepared folder) and `report` (what
+and loss labels), `mix` (how many rows each of several sources gives), `prepare` (cleaning, mixing, length,
+split, warnings, the prepared folder) and `report` (what
 it did, as text, HTML and a plot).
 
 Example:
