@@ -5,7 +5,9 @@
     python run.py --pipeline finetune --set training.max_steps=5 --set model.backend=hf --no-cache
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
 
-Config problems (bad value, unknown key, missing file, unreadable data) are reported in one paragraph
+A relative path given with --config or --set is read from the folder you run the command in; one inside a
+config file, next to that file, else in the project folder. Config problems (bad value, unknown key,
+missing file, unreadable data) are reported in one paragraph
 with exit code 2 before any model is loaded; so are data problems the prepare step finds (a row the
 chat template refuses, too few rows). Heavy imports happen only after validation.
 """
@@ -108,7 +110,8 @@ def dispatch(argv: list[str]) -> int:
 
         return compare_runs(argv[1:])
     args = parse_args(argv)
-    os.chdir(ROOT)  # relative paths in configs are relative to the project
+    started_in = Path.cwd()  # paths typed with --config and --set are relative to it (llmtune/paths.py)
+    os.chdir(ROOT)  # the project's own folders (outputs/, the local ZenML repository) are found from here
     quiet_network_env()
     if args.recipe:
         os.environ["LLMTUNE_RECIPE"] = args.recipe  # read by cli.stack; carried into scheduled runs
@@ -118,7 +121,7 @@ def dispatch(argv: list[str]) -> int:
         return remove_schedule(args.remove_schedule) if args.remove_schedule else list_schedules()
     from llmtune.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, cwd=started_in)
     from llmtune.model import import_unsloth_if_used
 
     import_unsloth_if_used(cfg.model.backend)  # before anything imports transformers, peft or trl
@@ -128,7 +131,7 @@ def dispatch(argv: list[str]) -> int:
     if args.schedule:
         from cli.schedule import install, without_schedule_options
 
-        return install(args.pipeline, cfg, args.schedule, without_schedule_options(argv))
+        return install(args.pipeline, cfg, args.schedule, without_schedule_options(argv), started_in=started_in)
     return run_pipeline(args.pipeline, cfg, enable_cache=not args.no_cache)
 
 

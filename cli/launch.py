@@ -39,7 +39,7 @@ def zenml_model(cfg: RunConfig, version: str | int | None = None) -> Model | Non
     return Model(
         name=cfg.export.zenml_model,
         version=version,
-        description=f"QLoRA fine-tunes of {cfg.model.name} on {cfg.data.source} (llmtune).",
+        description=f"QLoRA fine-tunes of {cfg.model.name} on {cfg.data.describe()} (llmtune).",
         tags=["llmtune", "qlora"],
     )
 

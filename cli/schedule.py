@@ -76,18 +76,22 @@ def without_schedule_options(argv: list[str]) -> list[str]:
     return kept
 
 
-def schedule_name(pipeline: str, argv: list[str]) -> str:
-    """A stable name per command, so scheduling the same command again replaces its entry."""
-    return f"{pipeline}-{hashlib.sha1(shlex.join(argv).encode()).hexdigest()[:8]}"
+def schedule_name(pipeline: str, argv: list[str], started_in: Path = ROOT) -> str:
+    """A stable name per command (and folder it runs in), so scheduling the same command again replaces its entry."""
+    command = shlex.join(argv) if started_in == ROOT else f"{started_in}: {shlex.join(argv)}"
+    return f"{pipeline}-{hashlib.sha1(command.encode()).hexdigest()[:8]}"
 
 
-def cron_command(argv: list[str], env: Mapping[str, str], name: str) -> str:
-    """The shell command the crontab entry runs: same interpreter, project folder, arguments and store."""
+def cron_command(argv: list[str], env: Mapping[str, str], name: str, started_in: Path = ROOT) -> str:
+    """The shell command the crontab entry runs: same interpreter, folder, arguments and store.
+
+    It starts in the folder the schedule was made from, so relative --config and --set paths mean the same.
+    """
     carried = " ".join(f"{key}={shlex.quote(env[key])}" for key in CARRIED_ENV if env.get(key))
     log = ROOT / "outputs" / "schedules" / f"{name}.log"
-    run = f"{shlex.quote(sys.executable)} run.py {shlex.join(argv)}"
+    run = f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'run.py'))} {shlex.join(argv)}"
     return (
-        f"cd {shlex.quote(str(ROOT))} && mkdir -p {shlex.quote(str(log.parent))} && {carried} {run} >> "
+        f"cd {shlex.quote(str(started_in))} && mkdir -p {shlex.quote(str(log.parent))} && {carried} {run} >> "
         f"{shlex.quote(str(log))} 2>&1"
     )
 
@@ -156,18 +160,19 @@ def remove_cron_entry(name: str) -> bool:
 # --- what the CLI calls ----------------------------------------------------------------------------------------
 
 
-def install(pipeline: str, cfg: Any, cron: str, argv: list[str]) -> int:
-    """Schedule the command `run.py <argv>` (argv without --schedule) on the active stack; print what was done."""
+def install(pipeline: str, cfg: Any, cron: str, argv: list[str], started_in: Path = ROOT) -> int:
+    """Schedule the command `run.py <argv>` (argv without --schedule), run from `started_in`, on the active stack;
+    print what was done."""
     from cli.stack import orchestrator_supports_schedules, use_project_stack
 
     cron = check_cron(cron)
-    name = schedule_name(pipeline, argv)
+    name = schedule_name(pipeline, argv, started_in)
     use_project_stack()
     if orchestrator_supports_schedules():
         _register_zenml_schedule(pipeline, cfg, cron, name)
         print(f"Registered ZenML schedule '{name}' ({cron}) with the stack's orchestrator.")
     else:
-        install_cron_entry(name, cron, cron_command(argv, os.environ, name))
+        install_cron_entry(name, cron, cron_command(argv, os.environ, name, started_in))
         print(f"Installed crontab entry '{name}' ({cron}): python run.py {shlex.join(argv)}")
         print(f"  log: outputs/schedules/{name}.log")
     print(f"  list: python run.py --list-schedules    remove: python run.py --remove-schedule {name}")

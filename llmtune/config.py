@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmtune.errors import LlmtuneError
+from llmtune.paths import PROJECT_DIR, PathKind, looks_like_hub_id, resolve
 
 DEMO_MODEL_PATH = "assets/demo-base"
 DEMO_DATASET_PATH = "data/demo/instructions.jsonl"
@@ -47,6 +50,17 @@ MAPPABLE_COLUMNS = (
 )
 # What data.role_map may map a role name to; tool_call = an assistant turn whose value is the call (ShareGPT).
 ROLE_TARGETS = ("system", "user", "assistant", "tool", "tool_call")
+# The chat templates llmtune writes itself (llmtune/data/templates.py), for tokenizers that ship none.
+CHAT_TEMPLATE_NAMES = ("chatml", "llama-3", "mistral", "gemma", "phi-3", "alpaca")
+
+
+def looks_like_file_path(value: str) -> bool:
+    """True for a value meant as a file: it names a folder or has a template suffix (not a bare template name).
+
+    >>> looks_like_file_path("templates/gemma.jinja"), looks_like_file_path("my.j2"), looks_like_file_path("gemma")
+    (True, True, False)
+    """
+    return "/" in value or "\\" in value or value.endswith((".jinja", ".jinja2", ".j2"))
 
 
 class ConfigError(LlmtuneError, ValueError):
@@ -57,12 +71,106 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
+def _known_roles(value: dict[str, str]) -> dict[str, str]:
+    wrong = sorted(f"{k}: {v}" for k, v in value.items() if v not in ROLE_TARGETS)
+    if wrong:
+        raise ValueError(f"roles can only be mapped to {', '.join(ROLE_TARGETS)}, not {'; '.join(wrong)}")
+    return value
+
+
+def _known_columns(value: dict[str, str]) -> dict[str, str]:
+    unknown = sorted(set(value) - set(MAPPABLE_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; map any of {', '.join(MAPPABLE_COLUMNS)} to your column names")
+    return value
+
+
+FormatName = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+
+
+class DataSourceEntry(_Section):
+    """One dataset of `data.sources`. A field left unset (null) takes the data section's value."""
+
     source: str = Field(
-        DEMO_DATASET_PATH,
-        description="A JSONL/JSON/CSV/Parquet/TXT file, a folder of them or from save_to_disk, or a Hub dataset id.",
+        description="A JSONL/JSON/CSV/Parquet/TXT file, a folder of them or from save_to_disk, or a Hub dataset id."
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
+    name: str | None = Field(
+        None, description="Its name in the prepare report and MLflow; null = the file name or Hub id (and subset)."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0.0,
+        description="Its share of the mix, relative to the other entries' weights (3 and 1 = 75% and 25% of the "
+        "rows). The mix is the largest these shares allow without repeating a row (the source that runs out "
+        "first is used in full), at most data.max_rows. Set on every entry or on none (null: every row of each).",
+    )
+    fraction: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="Use only this share of the source's own rows (a seeded sample), before any weights; null = all.",
+    )
+    format: FormatName | None = Field(None, description="Row format of this source; null = data.format.")
+    columns: dict[str, str] | None = Field(None, description="Column names of this source; null = data.columns.")
+    role_map: dict[str, str] | None = Field(None, description="Role names of this source; null = data.role_map.")
+    subset: str | None = Field(None, description="Hub dataset subset; null = data.subset.")
+    split: str | None = Field(None, description="Split to read; null = data.split.")
+    revision: str | None = Field(None, description="Hub dataset revision; null = data.revision.")
+    text_sample_by: Literal["line", "paragraph", "document"] | None = Field(
+        None, description=".txt files of this source: documents per line, paragraph or file; null = data's."
+    )
+    preference: Literal["refuse", "chosen"] | None = Field(
+        None, description="Preference files of this source: refuse or train the chosen answers; null = data's."
+    )
+
+    @field_validator("role_map")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else _known_roles(value)
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return None if value is None else _known_columns(value)
+
+
+@dataclass(frozen=True)
+class DataEntry:
+    """One dataset to read, in full: `key` names it in messages, `cfg` is the data section as if it were the only
+    one (source, format, columns, ... of the entry)."""
+
+    key: str
+    label: str
+    weight: float | None
+    fraction: float | None
+    cfg: DataConfig
+
+
+def _label(source: str, subset: str | None, name: str | None = None) -> str:
+    if name:
+        return name
+    short = source if looks_like_hub_id(source) and not Path(source).exists() else Path(source).name
+    return f"{short} ({subset})" if subset else short
+
+
+def _unique(labels: list[str]) -> list[str]:
+    """Labels made distinct by their entry's index where two are the same (the same file under two settings)."""
+    return [f"{label} #{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+
+
+class DataConfig(_Section):
+    source: str | None = Field(
+        DEMO_DATASET_PATH,
+        description="One dataset: a JSONL/JSON/CSV/Parquet/TXT file, a folder of them or from save_to_disk, or a Hub "
+        "dataset id. null when data.sources lists several.",
+    )
+    sources: list[DataSourceEntry] | None = Field(
+        None,
+        description="Several datasets, mixed: a list of entries, each a source with optionally its own format, "
+        "columns, role_map, subset, split, revision and a weight (share of the mix) or fraction (share of its "
+        "rows); replaces data.source. A bare path is an entry with only a source.",
+    )
+    format: FormatName = Field(
         "auto",
         description="alpaca = instruction/input/output; sharegpt = conversations of from/value; messages = "
         "role/content turns; text = plain completion; auto = detect from the columns.",
@@ -84,8 +192,11 @@ class DataConfig(_Section):
     eval_split: str | None = Field(
         None, description="Held-out split of the same source (e.g. test), or a file; null = eval_fraction of rows."
     )
-    chat_template: Literal["chatml", "llama-3", "alpaca"] | None = Field(
-        None, description="Named template for tokenizers without one; null uses the tokenizer's own."
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for tokenizers without one: a name ("
+        + ", ".join(CHAT_TEMPLATE_NAMES)
+        + ") or the path of a Jinja file (e.g. templates/my-model.jinja); null uses the tokenizer's own.",
     )
     train_on_responses_only: bool = Field(True, description="Loss on assistant turns only (prompt tokens masked).")
     max_seq_length: int = Field(256, ge=8, le=131072, description="Longest example in tokens.")
@@ -94,7 +205,11 @@ class DataConfig(_Section):
     )
     dedupe: bool = Field(True, description="Drop exact duplicate examples.")
     eval_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="Share of rows held out for evaluation.")
-    max_rows: int | None = Field(None, ge=2, description="Use at most this many rows (a seeded subsample).")
+    max_rows: int | None = Field(
+        None,
+        ge=2,
+        description="Use at most this many rows (a seeded subsample; with weighted data.sources, of the mix).",
+    )
     on_error: Literal["raise", "skip"] = Field(
         "raise",
         description="raise = stop at the first bad row; skip = skip bad rows, count them, report the first few.",
@@ -128,18 +243,85 @@ class DataConfig(_Section):
     @field_validator("role_map")
     @classmethod
     def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
-        wrong = sorted(f"{k}: {v}" for k, v in value.items() if v not in ROLE_TARGETS)
-        if wrong:
-            raise ValueError(f"roles can only be mapped to {', '.join(ROLE_TARGETS)}, not {'; '.join(wrong)}")
-        return value
+        return _known_roles(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_name_or_file(cls, value: str | None) -> str | None:
+        if value is None or value in CHAT_TEMPLATE_NAMES or looks_like_file_path(value):
+            return value
+        raise ValueError(
+            f"'{value}' is not a template name; use one of {', '.join(CHAT_TEMPLATE_NAMES)}, the path of a Jinja "
+            "file (ending in .jinja, or with a folder, e.g. ./my_template), or null for the tokenizer's own"
+        )
 
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(MAPPABLE_COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; map any of {', '.join(MAPPABLE_COLUMNS)} to your column names")
-        return value
+        return _known_columns(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _source_or_sources(cls, data: Any) -> Any:
+        """data.sources replaces data.source (whose default is the demo file); entries may be bare paths."""
+        if not isinstance(data, dict) or data.get("sources") is None:
+            return data
+        if data.get("source") is not None:
+            raise ValueError(
+                "data.source and data.sources are both set: use data.source for one dataset or data.sources for "
+                "several (set the other to null)"
+            )
+        sources = data["sources"]
+        if isinstance(sources, list):  # `sources: [a.jsonl, b.jsonl]` is short for entries with only a source
+            sources = [{"source": entry} if isinstance(entry, str) else entry for entry in sources]
+        return {**data, "source": None, "sources": sources}
+
+    @model_validator(mode="after")
+    def _sources_are_complete(self) -> DataConfig:
+        if self.sources is None and self.source is None:
+            raise ValueError("data.source and data.sources are both null: name one dataset, or list several")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources is an empty list: list at least one entry (or use data.source)")
+        unweighted = [i for i, entry in enumerate(self.sources or []) if entry.weight is None]
+        if self.sources and 0 < len(unweighted) < len(self.sources):
+            missing = ", ".join(f"data.sources[{i}]" for i in unweighted)
+            raise ValueError(
+                f"{missing} has no weight while other entries have one: give every entry a weight (its share of "
+                f"the mix) or none (every row of every source is used)"
+            )
+        return self
+
+    def entries(self) -> list[DataEntry]:
+        """Each dataset with its settings in full: the entry's own, else the data section's.
+
+        >>> [(e.key, e.label, e.weight) for e in DataConfig(sources=["a.jsonl", "b.jsonl"]).entries()]
+        [('data.sources[0]', 'a.jsonl', None), ('data.sources[1]', 'b.jsonl', None)]
+        >>> DataConfig(source="rows.jsonl").entries()[0].key
+        'data.source'
+        """
+        if self.sources is None:
+            assert self.source is not None
+            return [DataEntry("data.source", _label(self.source, self.subset), None, None, self)]
+        labels = _unique([_label(e.source, e.subset or self.subset, e.name) for e in self.sources])
+        return [
+            DataEntry(f"data.sources[{i}]", label, entry.weight, entry.fraction, self._view(entry))
+            for i, (entry, label) in enumerate(zip(self.sources, labels, strict=True))
+        ]
+
+    def describe(self) -> str:
+        """The data in a few words: the source, or each entry's label (and weight).
+
+        >>> DataConfig(sources=[{"source": "a.jsonl", "weight": 3}, {"source": "o/b", "weight": 1}]).describe()
+        'a.jsonl (weight 3.0) + o/b (weight 1.0)'
+        """
+        if self.sources is None:
+            return str(self.source)
+        return " + ".join(e.label + (f" (weight {e.weight})" if e.weight else "") for e in self.entries())
+
+    def _view(self, entry: DataSourceEntry) -> DataConfig:
+        """This section as if it named only `entry` (its unset fields are the section's)."""
+        own = {k: v for k, v in entry.model_dump(exclude={"name", "weight", "fraction"}).items() if v is not None}
+        return self.model_copy(update={**own, "sources": None})
 
 
 class ModelConfig(_Section):
@@ -442,21 +624,94 @@ class RunConfig(_Section):
         return cls.model_validate(known)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- `section.key=value` overrides, validated; raises ConfigError."""
-    raw = _read_yaml(Path(path)) if path else {}
+# One dataset or several: setting one of these with --set drops the other from the config file's values.
+ONE_OR_SEVERAL = {"source": "sources", "sources": "source"}
+# Config keys that hold paths, and what they name (see llmtune/paths.py for where a relative one points).
+PATH_KEYS: dict[tuple[str, str], PathKind] = {
+    ("data", "source"): "input",
+    ("data", "eval_split"): "split",
+    ("data", "chat_template"): "file",
+    ("model", "name"): "input",
+    ("training", "checkpoint_dir"): "output",
+    ("export", "output_dir"): "output",
+    ("source", "adapter"): "input",
+}
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, cwd: str | Path | None = None
+) -> RunConfig:
+    """Defaults <- YAML file <- `section.key=value` overrides, validated, paths made absolute; raises ConfigError.
+
+    `cwd` is where the command was started (default: the current directory): `path` and the paths in
+    `overrides` are relative to it. Paths in the file are relative to the file's folder when they are there,
+    else to the project folder, and defaults to the project folder (`llmtune.paths`).
+
+    >>> cfg = load_config(None, ["export.output_dir=my-runs"], cwd="/tmp")
+    >>> cfg.export.output_dir, cfg.data.source == str(PROJECT_DIR / DEMO_DATASET_PATH)
+    ('/tmp/my-runs', True)
+    """
+    started_in = Path(os.path.abspath(Path(cwd) if cwd is not None else Path.cwd()))
+    raw: dict[str, Any] = {}
+    if path:
+        file = Path(os.path.abspath(started_in / Path(path).expanduser()))
+        raw = _read_yaml(file, given=str(path))
+        _resolve_paths(raw, [file.parent, PROJECT_DIR])
     for item in overrides or []:
-        _apply_override(raw, item)
+        _apply_override(raw, item, started_in)
+    given = [item.partition("=")[0].strip() for item in overrides or []]
+    if "data.source" in given and "data.sources" in given:
+        raise ConfigError("--set gives both data.source and data.sources; set one of them (they replace each other).")
+    _resolve_defaults(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_explain(err, source=str(path) if path else "defaults and --set")) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _resolve_paths(raw: dict[str, Any], bases: list[Path]) -> None:
+    """Make the path values of a config file absolute, in place (values of the wrong type are left to validation)."""
+    for (section, key), kind in PATH_KEYS.items():
+        values = raw.get(section)
+        if isinstance(values, dict) and key in values:
+            values[key] = resolve(values[key], kind, bases, names=CHAT_TEMPLATE_NAMES)
+    data = raw.get("data")
+    if isinstance(data, dict) and "sources" in data:
+        data["sources"] = _resolve_sources(data["sources"], bases)
+
+
+def _resolve_sources(entries: Any, bases: list[Path]) -> Any:
+    """data.sources with each entry's source made absolute (an entry may be a bare path)."""
+    if not isinstance(entries, list):
+        return entries
+    return [
+        resolve(entry, "input", bases)
+        if isinstance(entry, str)
+        else {**entry, "source": resolve(entry["source"], "input", bases)}
+        if isinstance(entry, dict) and "source" in entry
+        else entry
+        for entry in entries
+    ]
+
+
+def _resolve_defaults(raw: dict[str, Any]) -> None:
+    """Defaults that are paths (the demo data and model, outputs/) name places in the project folder."""
+    for (section, key), kind in PATH_KEYS.items():
+        values = raw.setdefault(section, {})
+        default = _section_class(section).model_fields[key].default
+        replaced = (section, key) == ("data", "source") and isinstance(values, dict) and "sources" in values
+        if isinstance(values, dict) and key not in values and isinstance(default, str) and not replaced:
+            values[key] = resolve(default, kind, [PROJECT_DIR], names=CHAT_TEMPLATE_NAMES)
+    model = raw["model"]
+    if isinstance(model, dict) and model.get("name") == DEMO_MODEL_PATH:  # built on first use, so not there yet
+        model["name"] = str(PROJECT_DIR / DEMO_MODEL_PATH)  # and owner/name-shaped: never a Hub id
+
+
+def _read_yaml(path: Path, given: str) -> dict[str, Any]:
     if not path.is_file():
+        where = "" if given == str(path) else f" (looked for {path}: --config is read from the folder you run in)"
         raise ConfigError(
-            f"Config file '{path}' does not exist. Pass an existing YAML file with --config "
+            f"Config file '{given}' does not exist{where}. Pass an existing YAML file with --config "
             f"(the shipped ones are under configs/)."
         )
     try:
@@ -473,7 +728,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str, started_in: Path) -> None:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -490,7 +745,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not isinstance(raw[section], dict):
         raise ConfigError(f"Section '{section}' must be a mapping.")
     # YAML parsing gives `5` -> int, `true` -> bool, `null` -> None, `[a, b]` -> list, like in the file.
-    raw[section][field] = yaml.safe_load(text) if text.strip() else text
+    value = yaml.safe_load(text) if text.strip() else text
+    if (section, field) in PATH_KEYS:  # a path typed on the command line is relative to where it was typed
+        value = resolve(value, PATH_KEYS[section, field], [started_in], names=CHAT_TEMPLATE_NAMES)
+    if (section, field) == ("data", "sources"):
+        value = _resolve_sources(value, [started_in])
+    if section == "data" and field in ONE_OR_SEVERAL:  # --set data.source=x replaces the file's data.sources
+        raw[section].pop(ONE_OR_SEVERAL[field], None)
+    raw[section][field] = value
 
 
 def _section_class(section: str) -> type[BaseModel]:
@@ -502,16 +764,33 @@ def _section_class(section: str) -> type[BaseModel]:
 def _explain(err: ValidationError, source: str) -> str:
     problems = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc, message = _dotted(e["loc"]), e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            section = str(e["loc"][0]) if len(e["loc"]) > 1 else None
-            allowed = (
-                _section_class(section).model_fields if section in RunConfig.model_fields else RunConfig.model_fields
-            )
-            where = f"'{section}'" if section in RunConfig.model_fields else "the top level"
+            where, allowed = _allowed_keys(e["loc"])
             problems.append(f"Unknown key '{loc}'. Allowed keys in {where}: {', '.join(allowed)}.")
-        elif not loc:
-            problems.append(e["msg"].removeprefix("Value error, ") + ".")
+        elif e["type"] == "missing":
+            problems.append(f"'{loc}' is missing; it is required.")
+        elif len(e["loc"]) <= 1:  # a check of a whole section (or the top level): its message names the keys
+            problems.append(message + ".")
         else:
-            problems.append(f"'{loc}' = {e.get('input')!r} is invalid: {e['msg']}.")
+            problems.append(f"'{loc}' = {e.get('input')!r} is invalid: {message}.")
     return f"Invalid configuration (from {source}): " + " ".join(problems)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location written as the user writes the key.
+
+    >>> _dotted(("data", "sources", 1, "weight"))
+    'data.sources[1].weight'
+    """
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> tuple[str, list[str]]:
+    """Where an unknown key was found, and the keys allowed there."""
+    if loc[:2] == ("data", "sources") and len(loc) == 4:
+        return "a data.sources entry", list(DataSourceEntry.model_fields)
+    section = str(loc[0]) if len(loc) > 1 else None
+    if section in RunConfig.model_fields:
+        return f"'{section}'", list(_section_class(section).model_fields)
+    return "the top level", list(RunConfig.model_fields)

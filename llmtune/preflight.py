@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmtune import data
-from llmtune.config import DEMO_MODEL_PATH, RunConfig
+from llmtune.config import CHAT_TEMPLATE_NAMES, DEMO_MODEL_PATH, DataEntry, RunConfig
 from llmtune.errors import LlmtuneError
+from llmtune.paths import PROJECT_DIR
 
 
 class PreflightError(LlmtuneError, ValueError):
@@ -27,23 +28,45 @@ def check_inputs(cfg: RunConfig, build_demo: bool = True) -> None:
     _check_model(cfg, build_demo)
 
 
+# Appended to "does not exist" messages: where a relative path was looked for (llmtune/paths.py).
+WHERE_PATHS_POINT = (
+    "A relative path given with --config or --set is read from the folder you run the command in; one in a "
+    "config file, next to that file, else in the project folder."
+)
+
+
 def _check_data(cfg: RunConfig) -> None:
-    source = Path(cfg.data.source)
-    if not source.exists() and not data.looks_like_hub_id(cfg.data.source):
+    for entry in cfg.data.entries():
+        _check_source(entry)
+    template = cfg.data.chat_template
+    if template and template not in CHAT_TEMPLATE_NAMES and not Path(template).is_file():
         raise PreflightError(
-            f"data.source: '{cfg.data.source}' does not exist. Point data.source at a JSONL, JSON, CSV, "
-            f"Parquet or TXT file or a folder (relative to the project root), or a Hub dataset id like owner/name."
+            f"data.chat_template: '{template}' does not exist. Give the path of a Jinja chat template file, or "
+            f"one of the names {', '.join(CHAT_TEMPLATE_NAMES)}. {WHERE_PATHS_POINT}"
+        )
+
+
+def _check_source(entry: DataEntry) -> None:
+    """One dataset (data.source, or an entry of data.sources) exists, and a local file has a usable row."""
+    key, given = entry.key, str(entry.cfg.source)
+    field = "data.source" if key == "data.source" else f"{key}.source"
+    source = Path(given)
+    if not source.exists() and not data.looks_like_hub_id(given):
+        raise PreflightError(
+            f"{field}: '{given}' does not exist. Point {field} at a JSONL, JSON, CSV, "
+            f"Parquet or TXT file or a folder, or a Hub dataset id like owner/name. {WHERE_PATHS_POINT}"
         )
     if source.is_file():  # cheap to read and convert here; folders and Hub ids are read by the step
         try:  # raises when no row is usable, naming the first problems
-            data.load_examples(cfg.data, data.ErrorLog(cfg.data.on_error))
+            data.load_examples(entry.cfg, data.ErrorLog(entry.cfg.on_error))
         except data.DataError as err:
-            raise PreflightError(f"data.source: {err}") from None
+            prefix = "data.source: " if key == "data.source" else ""  # an entry's message starts with its key
+            raise PreflightError(prefix + data.in_entry(entry, str(err))) from None
 
 
 def _check_model(cfg: RunConfig, build_demo: bool) -> None:
     path = Path(cfg.model.name)
-    if cfg.model.name == DEMO_MODEL_PATH and not path.exists() and build_demo:
+    if _is_demo_model(path) and not path.exists() and build_demo:
         from llmtune.demo import ensure_demo_model
 
         ensure_demo_model(path)
@@ -54,5 +77,11 @@ def _check_model(cfg: RunConfig, build_demo: bool) -> None:
         )
     if not path.exists() and not data.looks_like_hub_id(cfg.model.name):
         raise PreflightError(
-            f"model.name: '{cfg.model.name}' is neither a local model folder nor a Hub id (owner/name)."
+            f"model.name: '{cfg.model.name}' is neither a local model folder nor a Hub id (owner/name). "
+            f"{WHERE_PATHS_POINT}"
         )
+
+
+def _is_demo_model(path: Path) -> bool:
+    """The demo base, as the defaults name it (relative) or as load_config resolves it (in the project)."""
+    return path == Path(DEMO_MODEL_PATH) or path == PROJECT_DIR / DEMO_MODEL_PATH

@@ -53,4 +53,14 @@ def _metrics(stats: dict) -> dict[str, float]:
         "data_trained_tokens": stats["trained_tokens"],
         **{f"data_tokens_{k}": lengths[k] for k in ("p50", "p95", "max")},
         **{f"data_dropped_{reason}": n for reason, n in stats["dropped"].items()},
+        **_source_metrics(stats.get("sources", [])),
+    }
+
+
+def _source_metrics(sources: list[dict]) -> dict[str, float]:
+    """Rows kept, train rows and share of the mix of each entry of data.sources (`data_sources_1_rows_kept`)."""
+    return {
+        f"data_sources_{i}_{key}": source[key]
+        for i, source in enumerate(sources)
+        for key in ("rows_in", "rows_kept", "train_rows", "eval_rows", "share")
     }

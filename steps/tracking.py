@@ -38,8 +38,17 @@ def on_model_version(metadata: dict[str, Any]) -> None:
 
 
 def section_params(section: str, values: Any) -> dict[str, Any]:
-    """A config section as dotted MLflow params: {'training.max_steps': 300, ...}."""
-    return {f"{section}.{k}": v for k, v in values.model_dump().items()}
+    """A config section as dotted MLflow params: {'training.max_steps': 300, ...}.
+
+    A list of entries (data.sources) is one param with each entry's set fields only, to stay readable.
+    """
+    return {f"{section}.{k}": _compact(v) for k, v in values.model_dump().items()}
+
+
+def _compact(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{k: v for k, v in item.items() if v is not None} if isinstance(item, dict) else item for item in value]
+    return value
 
 
 def metric_logger(name: str) -> Callable[[float, int], None]:

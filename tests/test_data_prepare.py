@@ -176,7 +176,9 @@ def test_cli_reports_a_missing_file(tiny_model_dir: Path, capsys: pytest.Capture
     import run as cli
 
     assert cli.main(["--pipeline", "prepare", "--set", "data.source=no/such/file.jsonl"]) == 2
-    assert "data.source: 'no/such/file.jsonl' does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err  # named where it was looked for: the folder the command ran in
+    assert f"data.source: '{Path.cwd() / 'no/such/file.jsonl'}' does not exist" in err
+    assert "read from the folder you run the command in" in err
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from llmtune.config import CHAT_TEMPLATE_NAMES
 from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example
 
@@ -76,7 +77,7 @@ def assistant_spans(tokenizer: Any, example: Example) -> tuple[str, list[tuple[i
         if not (full.startswith(before) and full.startswith(through) and through.startswith(before)):
             raise DataError(
                 "the chat template renders earlier turns differently once later turns follow, so answer tokens "
-                "cannot be located. Set data.chat_template to a named template (chatml, llama-3, alpaca)"
+                f"cannot be located. Set data.chat_template to a named template ({', '.join(CHAT_TEMPLATE_NAMES)})"
             )
         end = len(through.rstrip())  # the newline after an end-of-turn token carries no signal
         spans.append((len(before), end))
@@ -106,11 +107,12 @@ def encode_examples(tokenizer: Any, examples: Sequence[Example], responses_only:
 
 
 def encode_kept(
-    tokenizer: Any, examples: Sequence[Example], responses_only: bool, errors: ErrorLog
+    tokenizer: Any, examples: Sequence[Example], responses_only: bool, errors: ErrorLog, template: str = ""
 ) -> tuple[list[Encoded], list[Example]]:
     """Encode in batches (the fast tokenizer runs in Rust); a refused row goes to `errors` (raised or skipped).
 
-    Returns the encoded examples and the examples they came from, without the skipped ones.
+    `template` names the chat template in refusals (e.g. 'data.chat_template=gemma'). Returns the encoded
+    examples and the examples they came from, without the skipped ones.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("A fast (Rust) tokenizer is needed to locate answer tokens; this one is a slow tokenizer.")
@@ -119,7 +121,7 @@ def encode_kept(
     if batches and batches[0][0].is_text:
         out = [enc for batch in batches for enc in _encode_text_batch(tokenizer, batch)]
     else:
-        out = _encode_chat_batches(tokenizer, batches, errors)
+        out = _encode_chat_batches(tokenizer, batches, errors, template)
     kept = [(enc, ex) for enc, ex in zip(out, examples, strict=True) if enc is not None]
     if not responses_only:
         kept = [(Encoded(e.input_ids, list(e.input_ids)), ex) for e, ex in kept]
@@ -129,7 +131,9 @@ def encode_kept(
 Rendered = tuple[str, list[tuple[int, int]]] | None
 
 
-def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]], errors: ErrorLog) -> list[Encoded | None]:
+def _encode_chat_batches(
+    tokenizer: Any, batches: list[Sequence[Example]], errors: ErrorLog, template: str
+) -> list[Encoded | None]:
     """Render and label in Python while the Rust tokenizer (which releases the GIL) encodes the batch before.
 
     Tokenizing is most of the work and runs on every core; overlapping the single-threaded template
@@ -142,7 +146,7 @@ def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]], error
     pending: tuple[Future, list[Rendered]] | None = None
     with ThreadPoolExecutor(max_workers=1) as tokenizing:
         for batch in batches:
-            rendered = [_spans_or_refusal(tokenizer, example, errors) for example in batch]
+            rendered = [_spans_or_refusal(tokenizer, example, errors, template) for example in batch]
             submitted = tokenizing.submit(encode, [r[0] for r in rendered if r is not None])
             if pending:
                 out += _label_batch(*pending, tokenizer.eos_token_id, end_ids)
@@ -152,15 +156,16 @@ def _encode_chat_batches(tokenizer: Any, batches: list[Sequence[Example]], error
     return out
 
 
-def _spans_or_refusal(tokenizer: Any, example: Example, errors: ErrorLog) -> Rendered:
+def _spans_or_refusal(tokenizer: Any, example: Example, errors: ErrorLog, template: str) -> Rendered:
     """The rendering and answer spans, or None after reporting the template's refusal as a row error."""
     try:
         return assistant_spans(tokenizer, example)
     except DataError as err:
+        which = f" Template: {template}." if template else ""
         errors.bad(
-            f"{example.where}: {err}. Change the row (templates of the Mistral, Llama-2 and Gemma families "
-            f"refuse a system turn and turns that do not alternate user/assistant), use another data.chat_template, "
-            f"or set data.on_error: skip to skip and count such rows."
+            f"{example.where}: {str(err).rstrip('.')}.{which} Change the row (templates of the Mistral, Llama-2 "
+            f"and Gemma families refuse turns that do not alternate user/assistant, and some refuse a system turn), "
+            f"use another data.chat_template, or set data.on_error: skip to skip and count such rows."
         )
         return None
 

@@ -74,6 +74,8 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
     if stats.get("preference"):
         rows.append(("preference data", PREFERENCE_USE[stats["preference"]]))
     rows += [("rows in", str(stats["rows_in"])), ("rows kept", str(stats["rows_kept"]))]
+    if stats.get("sources"):
+        rows += [("mix", str(stats["mix"]))] + [(source["key"], source_line(source)) for source in stats["sources"]]
     rows += [(f"dropped: {reason}", str(n)) for reason, n in stats["dropped"].items()]
     if stats["truncated"]:
         rows.append(("truncated to max_seq_length", str(stats["truncated"])))
@@ -90,6 +92,25 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
         ("fingerprint", str(stats["fingerprint"])),
     ]
     return rows
+
+
+def source_line(source: dict[str, Any]) -> str:
+    """One source of a mix in the report: its name, format, counts, share of the kept rows and drops.
+
+    >>> source_line({"name": "a.jsonl", "format": "alpaca", "rows_in": 40, "drawn": 30, "rows_kept": 29,
+    ...     "share": 0.7436, "target_share": 0.75, "train_rows": 26, "eval_rows": 3,
+    ...     "dropped": {"over_weight": 10, "too_long": 1}})
+    'a.jsonl (alpaca): 40 in, 30 drawn, 29 kept = 74.4% of the mix (weight share 75.0%), train/eval 26/3; \
+dropped: over_weight 10, too_long 1'
+    """
+    target = f" (weight share {source['target_share']:.1%})" if source.get("target_share") is not None else ""
+    line = (
+        f"{source['name']} ({source['format']}): {source['rows_in']} in, {source['drawn']} drawn, "
+        f"{source['rows_kept']} kept = {source['share']:.1%} of the mix{target}, "
+        f"train/eval {source['train_rows']}/{source['eval_rows']}"
+    )
+    dropped = ", ".join(f"{reason} {n}" for reason, n in source["dropped"].items())
+    return line + (f"; dropped: {dropped}" if dropped else "")
 
 
 def print_report(stats: dict[str, Any], console: Any = None) -> None:

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.data.errors import DataError, ErrorLog
+from llmtune.paths import DATA_FILE_SUFFIXES, looks_like_hub_id
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+SUPPORTED_SUFFIXES = DATA_FILE_SUFFIXES
 SAMPLE_BY = ("line", "paragraph", "document")
 
 
@@ -39,16 +40,6 @@ class Record:
 
     row: dict[str, Any]
     where: str
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """True for 'owner/name' strings that are not file names.
-
-    >>> looks_like_hub_id("yahma/alpaca-cleaned"), looks_like_hub_id("data/rows.jsonl")
-    (True, False)
-    """
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.endswith(SUPPORTED_SUFFIXES)
 
 
 def source_fingerprint(source: str) -> str:

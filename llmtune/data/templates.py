@@ -1,8 +1,14 @@
-"""Chat templates: the tokenizer's own by default, or a named one for base models that ship none.
+"""Chat templates: the tokenizer's own by default, a named one for base models that ship none, or a Jinja file.
 
-A named template's end-of-turn marker becomes the tokenizer's EOS when it is a single token, so the
-token the model learns to end an answer with is the one generation stops on. The configured tokenizer
-is saved with the prepared data, the adapter and the merged model, so every stage renders the same way.
+The named templates are written for this project from each family's documented prompt format: `chatml`,
+`llama-3`, `mistral` (the [INST] instruct format), `gemma`, `phi-3` and `alpaca`. A named template's
+end-of-turn marker becomes the tokenizer's EOS when it is a single token, so the token the model learns
+to end an answer with is the one generation stops on. `data.chat_template` may also be the path of a
+Jinja file, used as it is. The configured tokenizer is saved with the prepared data, the adapter and the
+merged model, so every stage renders the same way.
+
+Mistral and Gemma have no system role: their templates put a system prompt at the start of the first user
+turn, and refuse (as a row error) conversations whose user/assistant turns do not alternate.
 
 Example:
     >>> from transformers import PreTrainedTokenizerFast
@@ -17,13 +23,20 @@ Example:
     <BLANKLINE>
     ### Response:
     <BLANKLINE>
+    >>> _ = configure_tokenizer(tok, "mistral")
+    >>> tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+    ...                          {"role": "assistant", "content": "Hello"}], tokenize=False)
+    '[INST] Be brief.\\n\\nHi [/INST] Hello</s>'
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from llmtune.config import CHAT_TEMPLATE_NAMES
 from llmtune.data.errors import DataError
 from llmtune.data.formats import Example
 
@@ -55,24 +68,136 @@ ALPACA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
 
-TEMPLATE_NAMES = ("chatml", "llama-3", "alpaca")
+
+def _alternating_turns(family: str) -> str:
+    """Jinja that splits off a first system turn (`system`, `turns`) and refuses what the family cannot render:
+    a system turn later on, other roles (tool), and user/assistant turns that do not alternate from user."""
+    refuse = "{{ raise_exception('The " + family + " chat template "
+    return (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+        "{% for message in turns %}"
+        "{% if message['role'] == 'system' %}"
+        + refuse
+        + "takes one system turn, the first; it goes into the first user turn.') }}"
+        "{% elif message['role'] not in ('user', 'assistant') %}"
+        + refuse
+        + "has no ' + message['role'] + ' role; it renders user and assistant turns only.') }}"
+        "{% elif (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        + refuse
+        + "needs turns that alternate user/assistant/user/assistant/..., starting with user.') }}"
+        "{% endif %}{% endfor %}"
+    )
+
+
+# Mistral's instruct format: <s>[INST] question [/INST] answer</s>[INST] ... A system prompt opens the first
+# [INST] block (the format has no system role), so earlier turns render the same once later ones follow.
+MISTRAL_TEMPLATE = (
+    _alternating_turns("mistral") + "{{ bos_token }}{% for message in turns %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system + '\n\n' if loop.first and system else '') + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+# Gemma's turns: <start_of_turn>user|model ... <end_of_turn>; no system role, so it opens the first user turn.
+GEMMA_TEMPLATE = (
+    _alternating_turns("gemma") + "{{ bos_token }}{% for message in turns %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+    "{{ (system + '\n\n' if loop.first and system else '') + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Phi-3's turns: <|system|>, <|user|>, <|assistant|> headers, each turn ending with <|end|>.
+PHI3_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('The phi-3 chat template has no ' + message['role'] + ' role; it renders system, user "
+    "and assistant turns only.') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class NamedTemplate:
+    """A named template: its Jinja source, the special tokens of its family it needs, and its end-of-turn token."""
+
+    jinja: str
+    needs_tokens: tuple[str, ...] = ()
+    end_of_turn: str | None = None  # becomes EOS: what answers end with and generation stops on
+
+
+NAMED_TEMPLATES = {
+    "llama-3": NamedTemplate(LLAMA3_TEMPLATE, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), "<|eot_id|>"),
+    "mistral": NamedTemplate(MISTRAL_TEMPLATE),
+    "gemma": NamedTemplate(GEMMA_TEMPLATE, ("<start_of_turn>", "<end_of_turn>"), "<end_of_turn>"),
+    "phi-3": NamedTemplate(PHI3_TEMPLATE, ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), "<|end|>"),
+    "alpaca": NamedTemplate(ALPACA_TEMPLATE),
+}  # chatml is built per tokenizer (its end-of-turn token falls back to EOS)
+TEMPLATE_NAMES = CHAT_TEMPLATE_NAMES
+assert set(TEMPLATE_NAMES) == {"chatml", *NAMED_TEMPLATES}
 CHATML_TEMPLATE = chatml_template()
 
 
-def configure_tokenizer(tokenizer: Any, template_name: str | None) -> str:
-    """Set the chat template (named, or check the tokenizer's own) and a pad token distinct from EOS.
+def configure_tokenizer(tokenizer: Any, template: str | None) -> str:
+    """Set the chat template (a name, a Jinja file, or check the tokenizer's own) and a pad token distinct from EOS.
 
-    Returns the name of the template in use ('tokenizer' for the tokenizer's own).
+    Returns what is in use: the name, the file's path, or 'tokenizer' for the tokenizer's own.
     """
-    if template_name:
-        _apply_named(tokenizer, template_name)
+    if template in TEMPLATE_NAMES:
+        _apply_named(tokenizer, template)
+    elif template:
+        tokenizer.chat_template = read_template_file(template)
+        _check_compiles(tokenizer, template)
     elif not tokenizer.chat_template:
         raise DataError(
             "The tokenizer has no chat template (usual for base models). Set data.chat_template to one of "
-            f"{', '.join(TEMPLATE_NAMES)}, or use data.format=text for plain completion data."
+            f"{', '.join(TEMPLATE_NAMES)} or the path of a Jinja file, or use data.format=text for plain "
+            "completion data."
         )
     set_distinct_pad_token(tokenizer)
-    return template_name or "tokenizer"
+    return template or "tokenizer"
+
+
+def describe_template(tokenizer: Any, template: str) -> str:
+    """How messages name the template in use (`template` as `configure_tokenizer` returned it).
+
+    >>> describe_template(None, "gemma")
+    'data.chat_template=gemma'
+    """
+    if template == "tokenizer":
+        return f"the chat template of the tokenizer '{tokenizer.name_or_path}'"
+    return f"data.chat_template={template}"
+
+
+def read_template_file(path: str) -> str:
+    """The text of a Jinja chat template file; DataError naming the file when it cannot be read."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(
+            f"data.chat_template: '{path}' is neither a template name ({', '.join(TEMPLATE_NAMES)}) nor an "
+            f"existing file. Give the path of a Jinja chat template file, or one of the names."
+        )
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"data.chat_template: '{path}' is not UTF-8 text; save the Jinja template as UTF-8.") from None
+
+
+def _check_compiles(tokenizer: Any, path: str) -> None:
+    """Render a one-turn chat so that a syntax error is reported with the file and line, before any row."""
+    from jinja2 import TemplateSyntaxError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    except TemplateSyntaxError as err:
+        raise DataError(f"data.chat_template: {path}, line {err.lineno}: Jinja syntax error: {err.message}.") from None
+    except Exception:  # a template may refuse this probe conversation; rows are checked one by one later
+        return
 
 
 def _apply_named(tokenizer: Any, name: str) -> None:
@@ -81,19 +206,17 @@ def _apply_named(tokenizer: Any, name: str) -> None:
         end = "<|im_end|>" if "<|im_end|>" in vocab else tokenizer.eos_token
         tokenizer.chat_template = chatml_template(end)
         tokenizer.eos_token = end
-    elif name == "llama-3":
-        missing = [t for t in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if t not in vocab]
+    else:
+        named = NAMED_TEMPLATES[name]
+        missing = [t for t in named.needs_tokens if t not in vocab]
         if missing:
             raise DataError(
-                f"data.chat_template=llama-3 needs the Llama-3 special tokens, and this tokenizer lacks "
-                f"{', '.join(missing)}. Use chatml or alpaca instead."
+                f"data.chat_template={name} needs the {name} family's special tokens, and this tokenizer lacks "
+                f"{', '.join(missing)}. Use chatml, mistral or alpaca (any tokenizer), or a Jinja file."
             )
-        tokenizer.chat_template = LLAMA3_TEMPLATE
-        tokenizer.eos_token = "<|eot_id|>"  # Llama-3 base tokenizers end with <|end_of_text|>; turns end here
-    elif name == "alpaca":
-        tokenizer.chat_template = ALPACA_TEMPLATE
-    else:
-        raise DataError(f"Unknown data.chat_template '{name}'; use one of {', '.join(TEMPLATE_NAMES)} or null.")
+        tokenizer.chat_template = named.jinja
+        if named.end_of_turn:  # e.g. Llama-3 base tokenizers end with <|end_of_text|>; turns end with <|eot_id|>
+            tokenizer.eos_token = named.end_of_turn
     if tokenizer.eos_token is None:
         raise DataError(f"The tokenizer has no EOS token, which the '{name}' template needs to end answers.")
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from llmtune.paths import looks_like_hub_id
+
 HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 METRICS = ("eval_loss", "perplexity", "exact_match")
 KIND_TITLES = {
@@ -71,12 +73,21 @@ def scrub_secrets(text: str) -> str:
 
 
 def _front_matter(facts: CardFacts) -> str:
+    """The card's YAML header; `datasets` lists the data only when it is one Hub dataset.
+
+    >>> from dataclasses import replace
+    >>> facts = CardFacts("adapter", "org/base", None, None, "org/data", "ab", "", {}, {}, "cpu", {})
+    >>> ["datasets" in _front_matter(replace(facts, dataset=d)) for d in ("org/data", "/abs/data/rows.parquet",
+    ...     "a.jsonl (weight 3.0) + org/b (weight 1.0)")]
+    [True, False, False]
+    """
     meta: dict[str, Any] = {
         "base_model": facts.base_model,
         "library_name": "peft" if facts.kind == "adapter" else "transformers",
         "tags": ["llmtune", "qlora", "lora", "sft"],
     }
-    if "/" in facts.dataset and not facts.dataset.endswith((".json", ".jsonl")):
+    # A Hub id has no spaces; several sources read "a.jsonl (weight 3.0) + owner/b (weight 1.0)" and are not listed.
+    if looks_like_hub_id(facts.dataset) and " " not in facts.dataset:  # not a local path (absolute once loaded)
         meta["datasets"] = [facts.dataset]
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
