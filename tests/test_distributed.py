@@ -92,7 +92,9 @@ def test_the_steps_loss_logger_writes_the_curve_to_the_active_mlflow_run(tmp_pat
     log = metric_logger("train_loss")
     try:
         log(9.0, 1)  # no active run: nothing happens
-        with mlflow.start_run() as run:
+        # an explicit experiment: an active experiment id left by an earlier test belongs to another store
+        experiment = MlflowClient(tracking_uri=uri).create_experiment("loss-logger")
+        with mlflow.start_run(experiment_id=experiment) as run:
             log(3.0, 2)
             log(2.5, 4)
     finally:

@@ -410,7 +410,9 @@ def test_finetune_run_records_the_check_and_registers_a_version(finetuned: dict)
 
 
 @pytest.mark.pipeline
-def test_export_pipeline_reexports_without_training_and_a_failed_push_keeps_the_export(finetuned: dict) -> None:
+def test_export_pipeline_reexports_without_training_and_a_failed_push_keeps_the_export(
+    finetuned: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = finetuned["run"]
     overrides = [
         *finetuned["overrides"],
@@ -420,7 +422,9 @@ def test_export_pipeline_reexports_without_training_and_a_failed_push_keeps_the_
         "export.hub_repo_id=me/tuned",
         "export.mlflow_registered_model=null",
     ]
-    assert cli("export", overrides) == 1  # the session is offline: the Hub push must fail
+    # the session is offline: the Hub push fails, and ends the CLI as a user-fixable error
+    assert cli("export", overrides) == 2
+    assert "push it later with: hf upload me/tuned" in capsys.readouterr().err
     failed = latest_run("export")
     assert set(failed.steps) == {"merge_and_push"}, "nothing is retrained"
     assert failed.steps["merge_and_push"].run_metadata["merge_check_passed"] is True
