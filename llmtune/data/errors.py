@@ -29,6 +29,8 @@ class ErrorLog:
         self.policy = policy
         self.count = 0
         self.first: list[str] = []
+        self.split = 0  # conversations trained as one sequence per answer (see `encode.encode_kept`)
+        self.first_split: str | None = None
 
     def bad(self, message: str) -> None:
         """Report one unusable row: raise DataError, or count it and remember the first few messages."""
@@ -37,3 +39,8 @@ class ErrorLog:
         self.count += 1
         if len(self.first) < self.KEEP:
             self.first.append(message)
+
+    def note_split(self, message: str) -> None:
+        """Count a conversation split into one sequence per answer, keeping the first reason."""
+        self.split += 1
+        self.first_split = self.first_split or message

@@ -240,6 +240,86 @@ def set_distinct_pad_token(tokenizer: Any) -> None:
         )
 
 
+# End-of-turn tokens of the families we know, counted when the template writes them literally even where the
+# probe below does not reach them (Llama-3.1's <|eom_id|> follows built-in tool calls only).
+KNOWN_END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>", "<|END_OF_TURN_TOKEN|>")
+_PROBE_ANSWER = "llmtune probe answer"
+_PROBES = (
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}] * 2,
+)
+
+
+def end_of_turn_tokens(tokenizer: Any) -> list[str]:
+    """Every token that ends an assistant turn: what a trained answer ends with, and what generation stops at.
+
+    Found by rendering probe conversations and reading the special tokens the template writes right after
+    the answer (EOS or a known end-of-turn token among them, else the first), plus EOS, plus the known
+    end-of-turn tokens (<|eot_id|>, <end_of_turn>, ...) that the template writes and the tokenizer has as
+    special tokens. Evaluation and chat stop on all of them.
+
+    >>> from llmtune.demo import make_demo_rows, build_demo_tokenizer
+    >>> tok = build_demo_tokenizer(make_demo_rows(5))
+    >>> end_of_turn_tokens(tok)
+    ['<|im_end|>']
+    >>> tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    2
+    >>> tok.chat_template = GEMMA_TEMPLATE
+    >>> end_of_turn_tokens(tok)  # the template's marker first, then EOS
+    ['<end_of_turn>', '<|im_end|>']
+    """
+    special = _special_tokens(tokenizer)
+    found = [token for probe in _PROBES for token in _tokens_after_probe_answers(tokenizer, probe, special)]
+    source = _template_source(tokenizer)
+    known = [t for t in KNOWN_END_OF_TURN if t in special and t in source]
+    return list(dict.fromkeys(t for t in (*found, tokenizer.eos_token, *known) if t))
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The ids of `end_of_turn_tokens`: pass them as `eos_token_id` to `generate` to stop where answers end."""
+    return [int(tokenizer.convert_tokens_to_ids(token)) for token in end_of_turn_tokens(tokenizer)]
+
+
+def _special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens, longest first (so that a token is not read as a shorter one it starts with)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return sorted({*added, *tokenizer.all_special_tokens}, key=len, reverse=True)
+
+
+def _tokens_after_probe_answers(tokenizer: Any, probe: list[dict[str, str]], special: list[str]) -> list[str]:
+    try:
+        text = str(tokenizer.apply_chat_template(probe, tokenize=False))
+    except Exception:  # a template may refuse the probe (roles it does not take); the other sources still count
+        return []
+    found = []
+    for part in text.split(_PROBE_ANSWER)[1:]:
+        run = _special_run(part, special)
+        ending = [t for t in run if t == tokenizer.eos_token or t in KNOWN_END_OF_TURN] or run
+        found += ending[:1]
+    return found
+
+
+def _special_run(text: str, special: list[str]) -> list[str]:
+    """The special tokens at the start of `text`, one after another (whitespace between them allowed).
+
+    Templates may close an answer with several (Command-R's <|END_RESPONSE|><|END_OF_TURN_TOKEN|>), and some
+    write the next turn's header right after; the caller picks the end-of-turn one.
+    """
+    run: list[str] = []
+    rest = text.lstrip(" \n")
+    while token := next((t for t in special if rest.startswith(t)), None):
+        run.append(token)
+        rest = rest[len(token) :].lstrip(" \n")
+    return run
+
+
+def _template_source(tokenizer: Any) -> str:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        return "".join(str(t) for t in template.values())
+    return str(template or "")
+
+
 def check_renders_tools(tokenizer: Any, template_name: str, examples: Sequence[Example]) -> None:
     """Refuse tool rows when the template never reads `tools` / `tool_calls`: it would drop them without a word.
 
