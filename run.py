@@ -4,6 +4,7 @@
     python run.py --pipeline finetune --config configs/recipes/llama-3.2-1b-alpaca.yaml
     python run.py --pipeline finetune --set training.max_steps=5 --set model.backend=hf --no-cache
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
+    python run.py chat                                      # talk to the newest run's tuned model (chat --help)
 
 Config problems (bad value, unknown key, missing file, unreadable data) are reported in one paragraph
 with exit code 2 before any model is loaded; so are data problems the prepare step finds (a row the
@@ -107,6 +108,11 @@ def dispatch(argv: list[str]) -> int:
         from cli.compare_runs import main as compare_runs
 
         return compare_runs(argv[1:])
+    if argv[:1] == ["chat"]:
+        quiet_network_env()
+        from cli.chat import main as chat
+
+        return chat(argv[1:])
     args = parse_args(argv)
     os.chdir(ROOT)  # relative paths in configs are relative to the project
     quiet_network_env()
