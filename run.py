@@ -4,6 +4,7 @@
     python run.py --pipeline finetune --config configs/recipes/llama-3.2-1b-alpaca.yaml
     python run.py --pipeline finetune --set training.max_steps=5 --set model.backend=hf --no-cache
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
+    python run.py chat                                      # talk to the newest run's tuned model (chat --help)
 
 A relative path given with --config or --set is read from the folder you run the command in; one inside a
 config file, next to that file, else in the project folder. Config problems (bad value, unknown key,
@@ -109,6 +110,11 @@ def dispatch(argv: list[str]) -> int:
         from cli.compare_runs import main as compare_runs
 
         return compare_runs(argv[1:])
+    if argv[:1] == ["chat"]:
+        quiet_network_env()
+        from cli.chat import main as chat
+
+        return chat(argv[1:])
     args = parse_args(argv)
     started_in = Path.cwd()  # paths typed with --config and --set are relative to it (llmtune/paths.py)
     os.chdir(ROOT)  # the project's own folders (outputs/, the local ZenML repository) are found from here

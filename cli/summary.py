@@ -94,6 +94,8 @@ def _export_lines(export: dict[str, Any]) -> list[str]:
     ]
     if export.get("merged_4bit_path"):
         lines.append(f"Merged 4-bit: {export['merged_4bit_path']}")
+    if export.get("gguf_path"):
+        lines.append(f"GGUF:         {export['gguf_path']}  ({_gguf_check_line(export)})")
     if export.get("hub_commit_url"):
         lines.append(f"Hub:          {export['hub_commit_url']}")
     if export.get("mlflow_registered_model"):
@@ -101,6 +103,21 @@ def _export_lines(export: dict[str, Any]) -> list[str]:
             f"Registry:     MLflow model '{export['mlflow_registered_model']}' version {export['mlflow_model_version']}"
         )
     return lines
+
+
+def _gguf_check_line(export: dict[str, Any]) -> str:
+    """The GGUF check per type, for the summary.
+
+    >>> _gguf_check_line({"gguf_q8_0_max_logit_gap": 0.03, "gguf_q8_0_atol": 0.5, "gguf_check_passed": True})
+    'GGUF check: q8_0 max logit gap 0.03 <= 0.5; ollama create my-model -f Modelfile'
+    """
+    from llmtune.release.card import gguf_kinds
+
+    gaps = ", ".join(
+        f"{k} max logit gap {export[f'gguf_{k}_max_logit_gap']} <= {export[f'gguf_{k}_atol']}"
+        for k in gguf_kinds(export)
+    )
+    return f"GGUF check: {gaps}; ollama create my-model -f Modelfile"
 
 
 def _steps_table(run: Any) -> Table:

@@ -486,11 +486,35 @@ class ExportConfig(_Section):
     merge_check_max_new_tokens: int = Field(
         16, ge=1, description="Greedy tokens per check prompt; merged and base+adapter must generate the same ones."
     )
-    formats: list[Literal["adapter", "merged_16bit", "merged_4bit"]] = Field(
+    formats: list[Literal["adapter", "merged_16bit", "merged_4bit", "gguf"]] = Field(
         ["adapter", "merged_16bit"],
         min_length=1,
         description="What to export: the PEFT adapter, the adapter merged into the original 16-bit base, "
-        "and/or that merged model re-quantized to 4-bit.",
+        "that merged model re-quantized to 4-bit, and/or GGUF files of it for llama.cpp and Ollama "
+        "(export.gguf_types; checked against the merged model before anything is published).",
+    )
+    gguf_types: list[Literal["f16", "bf16", "q8_0", "q4_0"]] = Field(
+        ["q8_0"],
+        min_length=1,
+        description="GGUF files to write with formats=[..., gguf], one per type: f16/bf16 (16-bit, the merged "
+        "weights as they are), q8_0 (8-bit, about half the size, near-lossless), q4_0 (4-bit, about a quarter; "
+        "token embedding and output stay q8_0). The gguf package has no K-quant writer, so no q4_k_m. The first "
+        "type is the one the Ollama Modelfile points at.",
+    )
+    gguf_check_atol: dict[str, float] = Field(
+        {"f16": 0.05, "bf16": 0.05, "q8_0": 0.5, "q4_0": 2.0},
+        description="Largest allowed |logit| gap per GGUF type between the GGUF file (read back by transformers' "
+        "GGUF loader) and the merged 16-bit model on the merge-check prompts; greedy answers may part only at a "
+        "near tie within this gap. A file over it is not published.",
+    )
+    gguf_modelfile_parameters: dict[str, float | int | str] = Field(
+        {"temperature": 0.7},
+        description="Extra PARAMETER lines of the Ollama Modelfile written beside the GGUF, e.g. {temperature: "
+        "0.2, top_p: 0.9}; the stop tokens come from the training template and num_ctx from the model's context "
+        "length (at most 4096).",
+    )
+    hub_include_gguf: bool = Field(
+        True, description="With gguf in formats and hub_repo_id set, also upload the GGUF folder to the repo (gguf/)."
     )
     max_shard_size: str = Field(
         "2GB", pattern=r"^\s*\d+(\.\d+)?\s*([KMG]?B)?\s*$", description="Largest safetensors shard of the merged model."
@@ -518,6 +542,14 @@ class ExportConfig(_Section):
     def _publish_format_is_exported(self) -> ExportConfig:
         if self.publish_format not in self.formats:
             raise ValueError(f"export.publish_format={self.publish_format} is not in export.formats={self.formats}")
+        missing = [t for t in self.gguf_types if t not in self.gguf_check_atol]
+        if "gguf" in self.formats and missing:
+            raise ValueError(
+                f"export.gguf_check_atol has no tolerance for {missing}; give one per type in export.gguf_types, "
+                "e.g. {q8_0: 0.5}"
+            )
+        if len(set(self.gguf_types)) != len(self.gguf_types):
+            raise ValueError(f"export.gguf_types={self.gguf_types} names a type twice")
         return self
 
 

@@ -43,14 +43,18 @@ def merge_and_push(
     where = release.Destinations(run.name, hub_token(config.export), mlflow_run[1] if mlflow_run else None)
     report = release.release(inputs, where, Path(tempfile.mkdtemp(prefix="llmtune-export-")), record_check)
     save_artifact(MergedModel(str(report.merged_dir)), name="merged_model", artifact_type=ArtifactType.MODEL)
+    if "gguf" in report.folders:  # by path: the checked files and their Modelfile, in the run's MLflow artifacts
+        tracking.log_files([Path(report.local.get("gguf_path") or report.folders["gguf"])], "gguf")
     done = {**report.destinations(), **promote(verdict, report.published)}
     tracking.record(metadata=done)
-    tracking.on_model_version({**report.merge_check, **done})
-    return {"released": True, **report.merge_check, **done}
+    tracking.on_model_version({**report.merge_check, **report.gguf_check, **done})
+    return {"released": True, **report.merge_check, **report.gguf_check, **done}
 
 
 def record_check(check: dict[str, Any]) -> None:
-    tracking.record(metadata=check, metrics={"merge_check_max_logit_gap": check["merge_check_max_logit_gap"]})
+    """A check result (the merge check, then the GGUF check) as step metadata, its logit gaps as MLflow metrics."""
+    gaps = {k: float(v) for k, v in check.items() if k.endswith("max_logit_gap")}
+    tracking.record(metadata=check, metrics=gaps)
 
 
 def promote(verdict: dict[str, Any] | None, published: dict[str, Any]) -> dict[str, Any]:

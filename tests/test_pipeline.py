@@ -40,7 +40,7 @@ def statuses(pipeline_run) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("outputs")
-    overrides = tiny_run_overrides(tiny_model_dir, rows_file, out)
+    overrides = [*tiny_run_overrides(tiny_model_dir, rows_file, out), "export.formats=[adapter,merged_16bit,gguf]"]
     assert run(overrides, "--no-cache") == 0  # other test modules may have run this config already
     return {"run": last_run(), "overrides": overrides, "out": out}
 
@@ -82,6 +82,72 @@ def test_local_export_has_adapter_config_and_loadable_merged_model(first_run: di
     assert "training:" in (dest / "adapter" / "llmtune_config.yaml").read_text()
     assert PeftConfig.from_pretrained(dest / "adapter").r == 16
     AutoModelForCausalLM.from_pretrained(dest / "merged")
+
+
+def test_gguf_export_is_checked_recorded_and_logged_to_mlflow_by_path(first_run: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from cli.sources import step_output
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import mlflow_run_id
+
+    pipeline_run = first_run["run"]
+    report = step_output(pipeline_run, "merge_and_push", "export_report").load()
+    assert report["gguf_check_passed"] and report["gguf_q8_0_max_logit_gap"] <= report["gguf_q8_0_atol"]
+    metadata = pipeline_run.steps["merge_and_push"].run_metadata
+    assert metadata["gguf_check_passed"] is True and "gguf_q8_0_greedy_mismatches" in metadata
+    local = Path(report["gguf_path"])
+    assert {"model-q8_0.gguf", "Modelfile", "README.md"} <= {p.name for p in local.iterdir()}
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri())
+    run_id = mlflow_run_id(pipeline_run.name)
+    assert run_id is not None
+    assert "gguf_q8_0_max_logit_gap" in client.get_run(run_id).data.metrics
+    logged = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "gguf")}
+    assert logged["model-q8_0.gguf"] == (local / "model-q8_0.gguf").stat().st_size and "Modelfile" in logged
+
+
+def chat_question(pipeline_run, demo_rows: list) -> tuple[str, str]:
+    """A held-out demo question as a user types it, and the prompt training rendered for it."""
+    from cli.sources import step_output
+    from tests.test_chat import held_out_question
+
+    prepared = step_output(pipeline_run, "prepare_dataset").load()
+    return held_out_question(demo_rows, prepared.tokenizer(), prepared)
+
+
+def test_chat_one_shot_gives_the_tuned_answer_and_base_with_the_adapter_off(
+    first_run: dict, demo_rows: list, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The newest run (the default), --run with --base, and the exported --adapter folder, each against the
+    answers evaluation's own generation gives on the run's model for the training-rendered prompt."""
+    from cli.sources import step_output
+    from llmtune.evaluate.scoring import generate_answers
+    from llmtune.model import hf
+
+    pipeline_run = first_run["run"]
+    text, prompt = chat_question(pipeline_run, demo_rows)
+    base, adapter = step_output(pipeline_run, "load_base_model").load(), step_output(pipeline_run, "train_sft").load()
+    model = hf.load_for_inference(base.path, adapter.path)
+    tokenizer = step_output(pipeline_run, "prepare_dataset").load().tokenizer()
+    [tuned] = generate_answers(model, tokenizer, [prompt], 10, batch_size=1)
+    with model.disable_adapter():
+        [base_answer] = generate_answers(model, tokenizer, [prompt], 10, batch_size=1)
+    one_shot = ["--prompt", text, "--max-new-tokens", "10"]
+    answers = {}
+    for name, options in {
+        "default": [],
+        "base": ["--run", pipeline_run.name, "--base"],
+        "adapter": ["--adapter", str(first_run["out"] / pipeline_run.name / "adapter")],
+    }.items():
+        assert run_cli(["chat", *options, *one_shot]) == 0
+        answers[name] = capsys.readouterr().out.strip()
+    assert answers == {"default": tuned, "base": base_answer, "adapter": tuned}
+
+
+def run_cli(argv: list[str]) -> int:
+    import run as cli
+
+    return cli.main(argv)
 
 
 def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict) -> None:

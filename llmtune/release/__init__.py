@@ -4,12 +4,16 @@
    (`llmtune.release.merge`), and check the merged model against base + adapter (`llmtune.release.check`).
    The result goes to the caller's `on_check` before anything is written, and a failed check ends the
    release with `MergeCheckFailed`: nothing is exported or published.
+   With `gguf` in `export.formats`, the GGUF files (`llmtune.release.gguf`) are written next and checked
+   against the merged model (`llmtune.release.gguf_check`): the result goes to `on_check` too, and a failed
+   check ends the release with `GgufCheckFailed`, so no GGUF (and nothing else) is published.
 2. `write_formats`: the folders of `export.formats` (`llmtune.release.formats`), each with the training
-   tokenizer, so the chat template travels with the model.
+   tokenizer, so the chat template travels with the model; the GGUF folder with its Ollama Modelfile.
 3. `annotate`: a model card (`llmtune.release.card`) and the resolved config in every folder.
 4. `write_local`: a copy under `export.output_dir/<run>`, complete before any push, so a failed push
    leaves it intact.
-5. `publish`: the MLflow Model Registry, then the Hugging Face Hub (`llmtune.release.publish`).
+5. `publish`: the MLflow Model Registry, then the Hugging Face Hub (`llmtune.release.publish`); the GGUF
+   folder goes to the same Hub repo, under `gguf/` (`export.hub_include_gguf`).
 
 The promotion gate before it (`llmtune.release.promotion`) and the stage change after it belong to the
 caller, which knows the ZenML model version; secrets reach this module as values in `Destinations`.
@@ -30,9 +34,10 @@ from typing import Any
 
 from llmtune.artifacts import PreparedData, TrainingReport
 from llmtune.config import RunConfig
-from llmtune.release import card, publish
+from llmtune.release import card, gguf_check, publish
 from llmtune.release.check import CheckInputs, MergeCheckFailed, check_merge, ensure_passed
-from llmtune.release.formats import FOLDER_NAMES, copy_tree, write_formats
+from llmtune.release.formats import FOLDER_NAMES, copy_tree, write_formats, write_gguf
+from llmtune.release.gguf_check import GgufCheckFailed
 from llmtune.release.merge import merge_streaming
 from llmtune.release.weights import ExportError, resolve_base_checkpoint
 from llmtune.train.memory import describe_hardware
@@ -40,6 +45,7 @@ from llmtune.train.memory import describe_hardware
 __all__ = [
     "Destinations",
     "ExportError",
+    "GgufCheckFailed",
     "MergeCheckFailed",
     "ReleaseInputs",
     "ReleaseReport",
@@ -76,6 +82,7 @@ class ReleaseReport:
     folders: dict[str, Path] = field(default_factory=dict)  # format -> folder in the work folder
     local: dict[str, str] = field(default_factory=dict)  # <format>_path under export.output_dir
     published: dict[str, Any] = field(default_factory=dict)  # hub_commit_url, mlflow_model_version, ...
+    gguf_check: dict[str, Any] = field(default_factory=dict)  # gguf_<type>_* fields; empty without gguf
 
     def destinations(self) -> dict[str, Any]:
         return {**self.local, **self.published}
@@ -90,17 +97,35 @@ def release(
     """Merge and check, write the formats with their cards, copy them locally, publish (see the module doc)."""
     data = PreparedData(str(inputs.data_dir))
     tokenizer = data.tokenizer()
-    merged, check = merge_and_check(inputs, tokenizer, [p["prompt"] for p in data.eval_prompts()], work_dir)
+    prompts = [p["prompt"] for p in data.eval_prompts()]
+    merged, check = merge_and_check(inputs, tokenizer, prompts, work_dir)
     on_check(check)
     ensure_passed(check)
     export = inputs.config.export
+    gguf_files, gguf_result = gguf_and_check(merged, tokenizer, prompts, export, work_dir, destinations.run_name)
+    if gguf_result:
+        on_check(gguf_result)
+        gguf_check.ensure_passed(gguf_result)
     folders = write_formats(export.formats, merged, inputs.adapter_dir, inputs.config.model, tokenizer, work_dir)
-    facts = card_facts(inputs, check, data.stats()["fingerprint"])
+    if gguf_files:
+        folders["gguf"] = next(iter(gguf_files.values())).parent
+    facts = card_facts(inputs, {**check, **gguf_result}, data.stats()["fingerprint"])
     annotate(folders, facts, inputs.config.to_yaml())
-    report = ReleaseReport(check, merged, folders)
+    report = ReleaseReport(check, merged, folders, gguf_check=gguf_result)
     report.local = write_local(folders, export.output_dir, destinations.run_name)
-    report.published = publish_folder(folders[export.publish_format], inputs.config, facts, destinations)
+    extra = {"gguf": folders["gguf"]} if "gguf" in folders and export.hub_include_gguf else {}
+    report.published = publish_folder(folders[export.publish_format], inputs.config, facts, destinations, extra)
     return report
+
+
+def gguf_and_check(
+    merged: Path, tokenizer: Any, prompts: list[str], export: Any, work_dir: Path, name: str
+) -> tuple[dict[str, Path], dict[str, Any]]:
+    """The GGUF files of `export.gguf_types` and their check against the merged model (both empty without gguf)."""
+    if "gguf" not in export.formats:
+        return {}, {}
+    files = write_gguf(merged, tokenizer, export, work_dir, name)
+    return files, gguf_check.check_gguf_files(files, merged, tokenizer, prompts, export)
 
 
 def merge_and_check(
@@ -133,6 +158,7 @@ def card_facts(inputs: ReleaseInputs, check: dict[str, Any], fingerprint: str = 
         training_report=training.summary() if training is not None else {},
         hardware=trained_on or f"{describe_hardware()} (the export machine)",
         merge_check={k: v for k, v in check.items() if k.startswith(("merge_check_", "vs_trained"))},
+        gguf_check={k: v for k, v in check.items() if k.startswith("gguf_")},
         trail=inputs.trail,
     )
 
@@ -157,8 +183,11 @@ def write_local(folders: dict[str, Path], output_dir: str | None, run_name: str)
     }
 
 
-def publish_folder(folder: Path, cfg: RunConfig, facts: card.CardFacts, dest: Destinations) -> dict[str, Any]:
-    """Register `folder` in the MLflow Model Registry and push it to the Hub, as the export section asks."""
+def publish_folder(
+    folder: Path, cfg: RunConfig, facts: card.CardFacts, dest: Destinations, extra: dict[str, Path] | None = None
+) -> dict[str, Any]:
+    """Register `folder` in the MLflow Model Registry and push it to the Hub, as the export section asks; the
+    `extra` folders go to the same Hub repo in the same commit, each under its key (gguf/)."""
     export, done = cfg.export, {}
     trail = facts.trail
     if export.mlflow_registered_model:
@@ -173,7 +202,7 @@ def publish_folder(folder: Path, cfg: RunConfig, facts: card.CardFacts, dest: De
     if export.hub_repo_id:
         message = publish.commit_message(trail["training_run"], trail["zenml_run_id"], trail.get("mlflow_run_id"))
         done["hub_commit_url"] = publish.push_to_hub(
-            folder, export.hub_repo_id, dest.hub_token, export.hub_private, message, export.hub_endpoint
+            folder, export.hub_repo_id, dest.hub_token, export.hub_private, message, export.hub_endpoint, extra
         )
     return done
 

@@ -32,12 +32,13 @@ KIND_TITLES = {
     "adapter": "LoRA adapter (PEFT)",
     "merged_16bit": "merged 16-bit model",
     "merged_4bit": "merged model, 4-bit (bitsandbytes)",
+    "gguf": "GGUF for llama.cpp and Ollama",
 }
 
 
 @dataclass(frozen=True)
 class CardFacts:
-    kind: str  # adapter, merged_16bit or merged_4bit
+    kind: str  # adapter, merged_16bit, merged_4bit or gguf
     base_model: str
     base_revision: str | None
     repo_id: str | None  # where it is published, for the loading snippet; None = a local folder
@@ -49,6 +50,7 @@ class CardFacts:
     hardware: str
     merge_check: dict[str, Any]
     trail: dict[str, str] = field(default_factory=dict)  # zenml_run, zenml_run_id, mlflow_run_id, ...
+    gguf_check: dict[str, Any] = field(default_factory=dict)  # gguf_<type>_* fields, when GGUF was exported
 
 
 def render_model_card(facts: CardFacts) -> str:
@@ -60,7 +62,8 @@ def render_model_card(facts: CardFacts) -> str:
         _metrics(facts.eval_report),
         _training(facts),
         _merge_check(facts.merge_check),
-        _how_to_load(facts),
+        _gguf_check(facts.gguf_check),
+        _how_to_run_gguf(facts) if facts.kind == "gguf" else _how_to_load(facts),
         _trail(facts.trail),
         "## Resolved config\n\n```yaml\n" + facts.resolved_config.rstrip() + "\n```\n",
     ]
@@ -83,8 +86,8 @@ def _front_matter(facts: CardFacts) -> str:
     """
     meta: dict[str, Any] = {
         "base_model": facts.base_model,
-        "library_name": "peft" if facts.kind == "adapter" else "transformers",
-        "tags": ["llmtune", "qlora", "lora", "sft"],
+        "library_name": {"adapter": "peft", "gguf": "gguf"}.get(facts.kind, "transformers"),
+        "tags": ["llmtune", "qlora", "lora", "sft", *(["gguf"] if facts.kind == "gguf" else [])],
     }
     # A Hub id has no spaces; several sources read "a.jsonl (weight 3.0) + owner/b (weight 1.0)" and are not listed.
     if looks_like_hub_id(facts.dataset) and " " not in facts.dataset:  # not a local path (absolute once loaded)
@@ -98,6 +101,7 @@ def _summary(facts: CardFacts) -> str:
         "adapter": "a LoRA adapter for the base model",
         "merged_16bit": "the adapter merged into the original 16-bit base weights",
         "merged_4bit": "the adapter merged into the 16-bit base, then quantized to 4-bit NF4",
+        "gguf": "the adapter merged into the 16-bit base, written as GGUF for llama.cpp and Ollama",
     }[facts.kind]
     return (
         f"This is {merged}, trained with QLoRA (a 4-bit NF4 base, LoRA adapter trained with TRL's SFTTrainer) "
@@ -147,6 +151,50 @@ def _merge_check(check: dict[str, Any]) -> str:
         "## Merge check\n\nThe merged model was compared with the 16-bit base + adapter (logits and greedy answers) "
         "before export; `vs_trained_nf4_*` compare it with the 4-bit base + adapter that was trained and evaluated "
         "(the gap is the base's quantization error).\n\n" + "\n".join(lines) + "\n"
+    )
+
+
+def gguf_kinds(check: dict[str, Any]) -> list[str]:
+    """The GGUF types a check result covers, in its order.
+
+    >>> gguf_kinds({"gguf_q8_0_max_logit_gap": 0.1, "gguf_f16_max_logit_gap": 0.0, "gguf_check_passed": True})
+    ['q8_0', 'f16']
+    """
+    return [m.group(1) for k in check if (m := re.fullmatch(r"gguf_(.+)_max_logit_gap", k))]
+
+
+def _gguf_check(check: dict[str, Any]) -> str:
+    """A table of the GGUF check: per type, the logit gap against the merged model and the greedy answers."""
+    kinds = gguf_kinds(check)
+    if not kinds:
+        return ""
+    rows = [
+        f"| {kind} | {check[f'gguf_{kind}_max_logit_gap']} | {check[f'gguf_{kind}_atol']} | "
+        f"{check[f'gguf_{kind}_greedy_mismatches']} ({check[f'gguf_{kind}_greedy_near_tie_flips']} near-tie flips) | "
+        f"{check[f'gguf_{kind}_tokenizer_matches'] and check[f'gguf_{kind}_chat_template_matches']} |"
+        for kind in kinds
+    ]
+    return (
+        "## GGUF check\n\nEach GGUF file was read back by a GGUF reader "
+        f"({check.get('gguf_reader', 'transformers')}) and compared with the merged 16-bit model on "
+        f"{check.get('gguf_check_prompts', '?')} eval prompts before export: prompt logits, greedy answers, and "
+        "the tokenizer and chat template inside the file.\n\n"
+        "| type | max logit gap | allowed | greedy answers differing | training tokenizer + template |\n"
+        "| --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _how_to_run_gguf(facts: CardFacts) -> str:
+    kinds = gguf_kinds(facts.gguf_check) or ["q8_0"]
+    first = f"model-{kinds[0]}.gguf"
+    return (
+        "## How to run\n\nThe GGUF file carries the training tokenizer and chat template.\n\n"
+        "```bash\n"
+        f"llama-cli -m {first} -cnv            # llama.cpp: chat with the template inside the file\n"
+        f"llama-server -m {first} --jinja      # an OpenAI-compatible server on port 8080\n"
+        "ollama create my-model -f Modelfile   # Ollama: the Modelfile in this folder points at the file\n"
+        "ollama run my-model\n"
+        "```\n"
     )
 
 

@@ -4,6 +4,8 @@
   so plain `peft.AutoPeftModelForCausalLM.from_pretrained(dir)` loads it from anywhere.
 - `merged_16bit`: the merged 16-bit model (`llmtune.release.merge`), reused as it is.
 - `merged_4bit`: the merged model re-quantized with the run's bitsandbytes settings.
+- `gguf`: one GGUF file per `export.gguf_types` for llama.cpp and Ollama (`llmtune.release.gguf`), with the
+  training tokenizer and chat template inside, and an Ollama Modelfile beside it (`llmtune.release.ollama`).
 
 Example:
     >>> FOLDER_NAMES["merged_4bit"]
@@ -19,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.artifacts import Adapter
-from llmtune.config import ModelConfig
+from llmtune.config import ExportConfig, ModelConfig
 from llmtune.model import hf
 
 # The folder of each format, in the work folder and under export.output_dir/<run>.
-FOLDER_NAMES = {"adapter": "adapter", "merged_16bit": "merged", "merged_4bit": "merged-4bit"}
+FOLDER_NAMES = {"adapter": "adapter", "merged_16bit": "merged", "merged_4bit": "merged-4bit", "gguf": "gguf"}
+GGUF_STEM = "model"  # model-q8_0.gguf, ...
 
 
 def write_formats(
@@ -75,3 +78,17 @@ def copy_tree(src: str | Path, dst: str | Path) -> Path:
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
     return dst
+
+
+def write_gguf(merged_dir: Path, tokenizer: Any, cfg: ExportConfig, work_dir: Path, name: str) -> dict[str, Path]:
+    """The GGUF file of each `cfg.gguf_types` in `work_dir/gguf`, and the Ollama Modelfiles; {type: file}."""
+    from llmtune.release import gguf, ollama
+
+    folder = work_dir / FOLDER_NAMES["gguf"]
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {kind: folder / gguf.file_name(GGUF_STEM, kind) for kind in cfg.gguf_types}
+    for kind, path in files.items():
+        gguf.convert(merged_dir, tokenizer, path, kind, name)
+    context = json.loads((merged_dir / "config.json").read_text())["max_position_embeddings"]
+    ollama.write_modelfiles(folder, files, tokenizer, context, cfg.gguf_modelfile_parameters)
+    return files

@@ -38,8 +38,10 @@ def push_to_hub(
     private: bool,
     message: str,
     endpoint: str | None = None,
+    extra: dict[str, Path] | None = None,
 ) -> str:
-    """Create the repo if needed and upload `folder` as one commit; return the commit URL."""
+    """Create the repo if needed and upload `folder`, and each `extra` folder under its key (e.g. gguf/), as one
+    commit; return the commit URL."""
     from huggingface_hub import HfApi
 
     if not token:
@@ -50,10 +52,21 @@ def push_to_hub(
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message, repo_type="model")
+        operations = folder_operations(Path(folder), "")
+        for prefix, extra_folder in (extra or {}).items():
+            operations += folder_operations(extra_folder, prefix + "/")
+        info = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, repo_type="model")
     except Exception as err:  # httpx, HfHubHTTPError, OfflineModeIsEnabled...: one clear message for all
         raise PublishError(_explain_hub_failure(err, repo_id, folder, token, endpoint)) from None
     return str(info.commit_url)
+
+
+def folder_operations(folder: Path, prefix: str) -> list[Any]:
+    """One Hub upload per file of `folder`, at `prefix` + its path inside the folder."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return [CommitOperationAdd(prefix + p.relative_to(folder).as_posix(), str(p)) for p in files]
 
 
 def _explain_hub_failure(err: Exception, repo_id: str, folder: str | Path, token: str, endpoint: str | None) -> str:
