@@ -4,6 +4,7 @@
     python run.py --pipeline finetune --config configs/recipes/llama-3.2-1b-alpaca.yaml
     python run.py --pipeline finetune --set training.max_steps=5 --set model.backend=hf --no-cache
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
+    python run.py config --set training.max_steps=5         # the resolved config: every key, described, defaults
 
 Config problems (bad value, unknown key, missing file, unreadable data) are reported in one paragraph
 with exit code 2 before any model is loaded; so are data problems the prepare step finds (a row the
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = str(ROOT / "configs" / "finetune.yaml")
 # name -> what it does (shown in --help). Each is defined in pipelines/<name>.py and launched by
 # cli.launch.LAUNCHERS[name](cfg, enable_cache), which runs it on the active stack and prints its summary.
 PIPELINES = {
@@ -56,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--config",
-        default=str(ROOT / "configs" / "finetune.yaml"),
+        default=DEFAULT_CONFIG,
         help="YAML run config (default: configs/finetune.yaml)",
     )
     parser.add_argument(
@@ -65,7 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value; repeatable, e.g. --set training.max_steps=5",
+        help="override one config value; repeatable, e.g. --set training.max_steps=5 "
+        "(python run.py config lists every key with its description and default)",
     )
     parser.add_argument("--no-cache", action="store_true", help="re-run every step instead of reusing results")
     parser.add_argument(
@@ -101,12 +104,26 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
 
 
-def dispatch(argv: list[str]) -> int:
-    if argv[:1] == ["compare"]:  # a subcommand with its own options, so it goes before the pipeline parser
-        quiet_network_env()
-        from cli.compare_runs import main as compare_runs
+def compare_command(argv: list[str]) -> int:
+    from cli.compare_runs import main as compare_runs
 
-        return compare_runs(argv[1:])
+    return compare_runs(argv)
+
+
+def config_command(argv: list[str]) -> int:
+    from cli.show_config import main as show_config
+
+    return show_config(argv, DEFAULT_CONFIG)
+
+
+# Subcommands with their own options, tried before the pipeline parser: `python run.py NAME [options]`.
+SUBCOMMANDS = {"compare": compare_command, "config": config_command}
+
+
+def dispatch(argv: list[str]) -> int:
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        quiet_network_env()
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = parse_args(argv)
     os.chdir(ROOT)  # relative paths in configs are relative to the project
     quiet_network_env()

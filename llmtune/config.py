@@ -8,14 +8,19 @@ Example:
     >>> cfg = load_config(None, ["training.max_steps=5", "model.backend=hf"])
     >>> cfg.training.max_steps, cfg.model.backend
     (5, 'hf')
-    >>> load_config(None, ["training.max_stpes=5"])
-    Traceback (most recent call last):
-    ...
-    llmtune.config.ConfigError: Unknown key 'training.max_stpes' (from --set). Allowed keys in 'training': ...
+    >>> try:
+    ...     load_config(None, ["training.max_stpes=5"])
+    ... except ConfigError as err:
+    ...     print(err)
+    Unknown key 'training.max_stpes' (from --set 'training.max_stpes=5'). Did you mean 'max_steps'... Allowed keys ...
 """
 
 from __future__ import annotations
 
+import difflib
+import json
+import textwrap
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,6 +63,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
+    """Where the instruction data comes from, how rows are read, templated, filtered and split."""
+
     source: str = Field(
         DEMO_DATASET_PATH,
         description="A JSONL/JSON/CSV/Parquet/TXT file, a folder of them or from save_to_disk, or a Hub dataset id.",
@@ -143,6 +150,8 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The base model and how it is loaded in 4-bit."""
+
     name: str = Field(DEMO_MODEL_PATH, description="Hub model id or local directory in save_pretrained format.")
     revision: str | None = Field(None, description="Hub model revision (branch, tag or commit).")
     backend: Literal["auto", "hf", "unsloth"] = Field(
@@ -157,6 +166,8 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """The LoRA adapter put on the 4-bit base."""
+
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -167,14 +178,18 @@ class LoraConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    """Supervised fine-tuning with TRL's SFTTrainer."""
+
     max_steps: int = Field(300, ge=1, description="Optimizer steps to run.")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate falls from its peak after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the gradient norm to this before each step.")
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_8bit on GPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (use on GPU for big models).")
     packing: bool | None = Field(
@@ -205,7 +220,7 @@ class TrainingConfig(_Section):
         description="Where checkpoints live; null = under the stack's artifact store when it is local. On cloud "
         "stacks set a path every retry can reach (e.g. a mounted bucket or volume).",
     )
-    seed: int = Field(42)
+    seed: int = Field(42, description="Seed for shuffling the training rows and dropout.")
 
     num_gpus: int = Field(
         1,
@@ -228,6 +243,8 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
+    """Base against tuned on the held-out rows: loss, generated answers, an optional LLM judge."""
+
     max_eval_rows: int | None = Field(200, ge=1, description="Rows of the eval split scored for loss (null = all).")
     num_generation_prompts: int = Field(64, ge=0, description="Eval prompts answered by greedy generation.")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer.")
@@ -272,6 +289,8 @@ class EvaluationConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """Merge, check, export and publish the trained adapter."""
+
     output_dir: str | None = Field(
         "outputs",
         description="Local folder for adapter + merged model, one subfolder per run; null = artifact store only.",
@@ -366,6 +385,8 @@ class SourceConfig(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run: one section per concern, each printed with its descriptions by `python run.py config`."""
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
@@ -412,14 +433,84 @@ class RunConfig(_Section):
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults <- YAML file <- `section.key=value` overrides, validated; raises ConfigError."""
+    """Defaults <- YAML file <- `section.key=value` overrides, validated; raises ConfigError.
+
+    A problem is blamed on where its value came from: the `--set` that gave it, else the file.
+
+    >>> try:
+    ...     load_config(None, ["training.max_steps=many"])
+    ... except ConfigError as err:
+    ...     print(err)
+    Invalid configuration: 'training.max_steps' = 'many' (from --set 'training.max_steps=many') is invalid: ...
+    """
     raw = _read_yaml(Path(path)) if path else {}
+    given_by_set: dict[str, str] = {}  # "section.key" -> the --set that gave it
     for item in overrides or []:
-        _apply_override(raw, item)
+        given_by_set[_apply_override(raw, item)] = item
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_explain(err, source=str(path) if path else "defaults and --set")) from None
+        file_label = f"file '{path}'" if path else "the defaults"
+        raise ConfigError(_explain(err, file_label, given_by_set)) from None
+
+
+def annotated_yaml(cfg: RunConfig) -> str:
+    """The config as YAML that loads back to it, each key preceded by its description and default, and marked
+    where its value differs from the default (what `python run.py config` prints).
+
+    >>> text = annotated_yaml(load_config(None, ["training.max_steps=5"]))
+    >>> print(text[text.index("training:"):][:200])  # doctest: +ELLIPSIS
+    training:
+      # Optimizer steps to run. (default: 300; changed)
+      max_steps: 5
+    ...
+    >>> RunConfig.model_validate(yaml.safe_load(text)) == load_config(None, ["training.max_steps=5"])
+    True
+    """
+    lines: list[str] = []
+    for section in RunConfig.model_fields:
+        section_class = _section_class(section)
+        lines += [*_comment(section_class.__doc__ or "", indent=""), f"{section}:"]
+        values = getattr(cfg, section).model_dump()
+        for key, field in section_class.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            note = f"(default: {_inline_yaml(default)}{'; changed' if values[key] != default else ''})"
+            lines += _comment(f"{field.description or ''} {note}".strip(), indent="  ")
+            lines.append(f"  {key}: {_inline_yaml(values[key])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    width = 118 - len(indent)
+    return [f"{indent}# {line}" for line in textwrap.wrap(" ".join(text.split()), width)]
+
+
+def _inline_yaml(value: Any) -> str:
+    """One value as a single line of YAML (flow style), e.g. `[a, b]`, `null`, `'1e-4'` stays a string.
+
+    >>> _inline_yaml(["a", "b"]), _inline_yaml(None), _inline_yaml("two\\nlines")
+    ('[a, b]', 'null', '"two\\\\nlines"')
+    """
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)  # JSON is YAML, and keeps line breaks as \n on one line
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """' Did you mean ...?' with the closest options (difflib), or '' when none is close.
+
+    >>> did_you_mean("max_stpes", ["max_steps", "warmup_steps", "seed"])
+    " Did you mean 'max_steps'?"
+    >>> did_you_mean("batch_size", ["per_device_train_batch_size", "seed"])
+    " Did you mean 'per_device_train_batch_size'?"
+    >>> did_you_mean("zzz", ["max_steps"])
+    ''
+    """
+    options = list(options)
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    close += [o for o in options if len(name) > 3 and name in o and o not in close]  # batch_size: per_device_...
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -442,7 +533,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Put one `section.key=value` into the raw config; returns `section.key`."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -450,16 +542,27 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     section, field = parts
     if section not in RunConfig.model_fields:
         raise ConfigError(
-            f"Unknown section '{section}' in --set '{item}'. Allowed sections: {', '.join(RunConfig.model_fields)}."
+            f"Unknown section '{section}' in --set '{item}'.{did_you_mean(section, RunConfig.model_fields)} "
+            f"Allowed sections: {', '.join(RunConfig.model_fields)}."
         )
-    allowed = _section_class(section).model_fields
-    if field not in allowed:
-        raise ConfigError(f"Unknown key '{key}' (from --set). Allowed keys in '{section}': {', '.join(allowed)}.")
+    if field not in _section_class(section).model_fields:
+        raise ConfigError(f"Unknown key '{section}.{field}' (from --set '{item}').{_unknown_key_hint(section, field)}")
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise ConfigError(f"Section '{section}' must be a mapping.")
     # YAML parsing gives `5` -> int, `true` -> bool, `null` -> None, `[a, b]` -> list, like in the file.
     raw[section][field] = yaml.safe_load(text) if text.strip() else text
+    return f"{section}.{field}"
+
+
+def _unknown_key_hint(section: str, field: str) -> str:
+    """The closest keys of the section, the same key in other sections, and the section's allowed keys."""
+    allowed = _section_class(section).model_fields
+    elsewhere = [
+        f"{s}.{field}" for s in RunConfig.model_fields if s != section and field in _section_class(s).model_fields
+    ]
+    hint = did_you_mean(field, allowed) or did_you_mean(field, elsewhere)  # this section's keys first
+    return f"{hint} Allowed keys in '{section}': {', '.join(allowed)} (python run.py config lists them described)."
 
 
 def _section_class(section: str) -> type[BaseModel]:
@@ -468,19 +571,27 @@ def _section_class(section: str) -> type[BaseModel]:
     return annotation
 
 
-def _explain(err: ValidationError, source: str) -> str:
+def _explain(err: ValidationError, file_label: str, given_by_set: dict[str, str]) -> str:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
+        origin = given_by_set.get(".".join(str(p) for p in e["loc"][:2]))
+        source = f"from --set '{origin}'" if origin else f"from {file_label}"
         if e["type"] == "extra_forbidden":
-            section = str(e["loc"][0]) if len(e["loc"]) > 1 else None
-            allowed = (
-                _section_class(section).model_fields if section in RunConfig.model_fields else RunConfig.model_fields
-            )
-            where = f"'{section}'" if section in RunConfig.model_fields else "the top level"
-            problems.append(f"Unknown key '{loc}'. Allowed keys in {where}: {', '.join(allowed)}.")
-        elif not loc:
-            problems.append(e["msg"].removeprefix("Value error, ") + ".")
+            problems.append(_unknown_in_file(e["loc"], source))
+        elif not loc:  # a check across keys: name every place the values may have come from
+            sets = "".join(f", --set '{item}'" for item in given_by_set.values())
+            problems.append(e["msg"].removeprefix("Value error, ") + f" (from {file_label}{sets}).")
         else:
-            problems.append(f"'{loc}' = {e.get('input')!r} is invalid: {e['msg']}.")
-    return f"Invalid configuration (from {source}): " + " ".join(problems)
+            problems.append(f"'{loc}' = {e.get('input')!r} ({source}) is invalid: {e['msg']}.")
+    return "Invalid configuration: " + " ".join(problems)
+
+
+def _unknown_in_file(loc: tuple[int | str, ...], source: str) -> str:
+    name = ".".join(str(p) for p in loc)
+    if len(loc) > 1 and str(loc[0]) in RunConfig.model_fields:
+        return f"Unknown key '{name}' ({source}).{_unknown_key_hint(str(loc[0]), str(loc[1]))}"
+    sections = RunConfig.model_fields
+    return (
+        f"Unknown section '{name}' ({source}).{did_you_mean(name, sections)} Allowed sections: {', '.join(sections)}."
+    )
