@@ -133,6 +133,10 @@ def dispatch(argv: list[str]) -> int:
         from cli.schedule import list_schedules, remove_schedule
 
         return remove_schedule(args.remove_schedule) if args.remove_schedule else list_schedules()
+    if args.schedule:  # before the other checks, which may build the demo base
+        from cli.schedule import check_cron
+
+        check_cron(args.schedule)
     from llmtune.config import load_config
 
     cfg = load_config(args.config, args.overrides)

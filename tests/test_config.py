@@ -68,6 +68,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--config", "does/not/exist.yaml"], "does/not/exist.yaml"),
         (["--set", "data.source=missing/rows.jsonl"], "missing/rows.jsonl"),
         (["--set", "model.name=/no/such/model/dir"], "/no/such/model/dir"),
+        (["--set", "model.name=assets/demo-bse"], "Did you mean 'assets/demo-base'?"),
+        (["--set", "model.name=owner/not-in-cache"], "HF_TOKEN"),  # offline here: conftest sets HF_HUB_OFFLINE
     ],
 )
 def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(args: list[str], must_mention: str) -> None:
