@@ -4,6 +4,7 @@
     python run.py --pipeline finetune --config configs/recipes/llama-3.2-1b-alpaca.yaml
     python run.py --pipeline finetune --set training.max_steps=5 --set model.backend=hf --no-cache
     python run.py compare --last 5                          # last MLflow runs: differing params, metrics, loss plot
+    python run.py config --set training.max_steps=5         # the resolved config: every key, described, defaults
     python run.py chat                                      # talk to the newest run's tuned model (chat --help)
 
 A relative path given with --config or --set is read from the folder you run the command in; one inside a
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = str(ROOT / "configs" / "finetune.yaml")
 # name -> what it does (shown in --help). Each is defined in pipelines/<name>.py and launched by
 # cli.launch.LAUNCHERS[name](cfg, enable_cache), which runs it on the active stack and prints its summary.
 PIPELINES = {
@@ -59,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--config",
-        default=str(ROOT / "configs" / "finetune.yaml"),
+        default=DEFAULT_CONFIG,
         help="YAML run config (default: configs/finetune.yaml)",
     )
     parser.add_argument(
@@ -68,7 +70,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value; repeatable, e.g. --set training.max_steps=5",
+        help="override one config value; repeatable, e.g. --set training.max_steps=5 "
+        "(python run.py config lists every key with its description and default)",
     )
     parser.add_argument("--no-cache", action="store_true", help="re-run every step instead of reusing results")
     parser.add_argument(
@@ -104,17 +107,32 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(err))
 
 
+def compare_command(argv: list[str]) -> int:
+    from cli.compare_runs import main as compare_runs
+
+    return compare_runs(argv)
+
+
+def chat_command(argv: list[str]) -> int:
+    from cli.chat import main as chat
+
+    return chat(argv)
+
+
+def config_command(argv: list[str]) -> int:
+    from cli.show_config import main as show_config
+
+    return show_config(argv, DEFAULT_CONFIG)
+
+
+# Subcommands with their own options, tried before the pipeline parser: `python run.py NAME [options]`.
+SUBCOMMANDS = {"chat": chat_command, "compare": compare_command, "config": config_command}
+
+
 def dispatch(argv: list[str]) -> int:
-    if argv[:1] == ["compare"]:  # a subcommand with its own options, so it goes before the pipeline parser
+    if argv[:1] and argv[0] in SUBCOMMANDS:
         quiet_network_env()
-        from cli.compare_runs import main as compare_runs
-
-        return compare_runs(argv[1:])
-    if argv[:1] == ["chat"]:
-        quiet_network_env()
-        from cli.chat import main as chat
-
-        return chat(argv[1:])
+        return SUBCOMMANDS[argv[0]](argv[1:])
     args = parse_args(argv)
     started_in = Path.cwd()  # paths typed with --config and --set are relative to it (llmtune/paths.py)
     os.chdir(ROOT)  # the project's own folders (outputs/, the local ZenML repository) are found from here
@@ -125,6 +143,10 @@ def dispatch(argv: list[str]) -> int:
         from cli.schedule import list_schedules, remove_schedule
 
         return remove_schedule(args.remove_schedule) if args.remove_schedule else list_schedules()
+    if args.schedule:  # before the other checks, which may build the demo base
+        from cli.schedule import check_cron
+
+        check_cron(args.schedule)
     from llmtune.config import load_config
 
     cfg = load_config(args.config, args.overrides, cwd=started_in)

@@ -8,15 +8,20 @@ Example:
     >>> cfg = load_config(None, ["training.max_steps=5", "model.backend=hf"])
     >>> cfg.training.max_steps, cfg.model.backend
     (5, 'hf')
-    >>> load_config(None, ["training.max_stpes=5"])
-    Traceback (most recent call last):
-    ...
-    llmtune.config.ConfigError: Unknown key 'training.max_stpes' (from --set). Allowed keys in 'training': ...
+    >>> try:
+    ...     load_config(None, ["training.max_stpes=5"])
+    ... except ConfigError as err:
+    ...     print(err)
+    Unknown key 'training.max_stpes' (from --set 'training.max_stpes=5'). Did you mean 'max_steps'... Allowed keys ...
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
+import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -159,6 +164,8 @@ def _unique(labels: list[str]) -> list[str]:
 
 
 class DataConfig(_Section):
+    """Where the instruction data comes from, how rows are read, templated, filtered and split."""
+
     source: str | None = Field(
         DEMO_DATASET_PATH,
         description="One dataset: a JSONL/JSON/CSV/Parquet/TXT file, a folder of them or from save_to_disk, or a Hub "
@@ -325,6 +332,8 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    """The base model and how it is loaded in 4-bit."""
+
     name: str = Field(DEMO_MODEL_PATH, description="Hub model id or local directory in save_pretrained format.")
     revision: str | None = Field(None, description="Hub model revision (branch, tag or commit).")
     backend: Literal["auto", "hf", "unsloth"] = Field(
@@ -345,6 +354,8 @@ class ModelConfig(_Section):
 
 
 class LoraConfig(_Section):
+    """The LoRA adapter put on the 4-bit base."""
+
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -355,14 +366,18 @@ class LoraConfig(_Section):
 
 
 class TrainingConfig(_Section):
+    """Supervised fine-tuning with TRL's SFTTrainer."""
+
     max_steps: int = Field(300, ge=1, description="Optimizer steps to run.")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    weight_decay: float = Field(0.0, ge=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="How the learning rate falls from its peak after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the LoRA weights.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Clip the gradient norm to this before each step.")
     optim: str = Field("adamw_torch", description="transformers optimizer name, e.g. adamw_8bit on GPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (use on GPU for big models).")
     packing: bool | None = Field(
@@ -393,7 +408,7 @@ class TrainingConfig(_Section):
         description="Where checkpoints live; null = under the stack's artifact store when it is local. On cloud "
         "stacks set a path every retry can reach (e.g. a mounted bucket or volume).",
     )
-    seed: int = Field(42)
+    seed: int = Field(42, description="Seed for shuffling the training rows and dropout.")
 
     num_gpus: int = Field(
         1,
@@ -427,6 +442,8 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
+    """Base against tuned on the held-out rows: loss, generated answers, an optional LLM judge."""
+
     max_eval_rows: int | None = Field(200, ge=1, description="Rows of the eval split scored for loss (null = all).")
     num_generation_prompts: int = Field(64, ge=0, description="Eval prompts answered by greedy generation.")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer.")
@@ -471,6 +488,8 @@ class EvaluationConfig(_Section):
 
 
 class ExportConfig(_Section):
+    """Merge, check, export and publish the trained adapter."""
+
     output_dir: str | None = Field(
         "outputs",
         description="Local folder for adapter + merged model, one subfolder per run; null = artifact store only.",
@@ -597,6 +616,8 @@ class SourceConfig(_Section):
 
 
 class RunConfig(_Section):
+    """A whole run: one section per concern, each printed with its descriptions by `python run.py config`."""
+
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
@@ -677,11 +698,17 @@ def load_config(
 
     `cwd` is where the command was started (default: the current directory): `path` and the paths in
     `overrides` are relative to it. Paths in the file are relative to the file's folder when they are there,
-    else to the project folder, and defaults to the project folder (`llmtune.paths`).
+    else to the project folder, and defaults to the project folder (`llmtune.paths`). A problem is blamed on
+    where its value came from: the `--set` that gave it, else the file.
 
     >>> cfg = load_config(None, ["export.output_dir=my-runs"], cwd="/tmp")
     >>> cfg.export.output_dir, cfg.data.source == str(PROJECT_DIR / DEMO_DATASET_PATH)
     ('/tmp/my-runs', True)
+    >>> try:
+    ...     load_config(None, ["training.max_steps=many"])
+    ... except ConfigError as err:
+    ...     print(err)
+    Invalid configuration: 'training.max_steps' = 'many' (from --set 'training.max_steps=many') is invalid: ...
     """
     started_in = Path(os.path.abspath(Path(cwd) if cwd is not None else Path.cwd()))
     raw: dict[str, Any] = {}
@@ -689,16 +716,76 @@ def load_config(
         file = Path(os.path.abspath(started_in / Path(path).expanduser()))
         raw = _read_yaml(file, given=str(path))
         _resolve_paths(raw, [file.parent, PROJECT_DIR])
+    given_by_set: dict[str, str] = {}  # "section.key" -> the --set that gave it
     for item in overrides or []:
-        _apply_override(raw, item, started_in)
-    given = [item.partition("=")[0].strip() for item in overrides or []]
-    if "data.source" in given and "data.sources" in given:
+        given_by_set[_apply_override(raw, item, started_in)] = item
+    if "data.source" in given_by_set and "data.sources" in given_by_set:
         raise ConfigError("--set gives both data.source and data.sources; set one of them (they replace each other).")
     _resolve_defaults(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_explain(err, source=str(path) if path else "defaults and --set")) from None
+        file_label = f"file '{path}'" if path else "the defaults"
+        raise ConfigError(_explain(err, file_label, given_by_set)) from None
+
+
+def annotated_yaml(cfg: RunConfig) -> str:
+    """The config as YAML that loads back to it, each key preceded by its description and default, and marked
+    where its value differs from the default (what `python run.py config` prints).
+
+    >>> text = annotated_yaml(load_config(None, ["training.max_steps=5"]))
+    >>> print(text[text.index("training:"):][:200])  # doctest: +ELLIPSIS
+    training:
+      # Optimizer steps to run. (default: 300; changed)
+      max_steps: 5
+    ...
+    >>> RunConfig.model_validate(yaml.safe_load(text)) == load_config(None, ["training.max_steps=5"])
+    True
+    """
+    lines: list[str] = []
+    for section in RunConfig.model_fields:
+        section_class = _section_class(section)
+        lines += [*_comment(section_class.__doc__ or "", indent=""), f"{section}:"]
+        values = getattr(cfg, section).model_dump()
+        for key, field in section_class.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            note = f"(default: {_inline_yaml(default)}{'; changed' if values[key] != default else ''})"
+            lines += _comment(f"{field.description or ''} {note}".strip(), indent="  ")
+            lines.append(f"  {key}: {_inline_yaml(values[key])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    width = 118 - len(indent)
+    return [f"{indent}# {line}" for line in textwrap.wrap(" ".join(text.split()), width)]
+
+
+def _inline_yaml(value: Any) -> str:
+    """One value as a single line of YAML (flow style), e.g. `[a, b]`, `null`, `'1e-4'` stays a string.
+
+    >>> _inline_yaml(["a", "b"]), _inline_yaml(None), _inline_yaml("two\\nlines")
+    ('[a, b]', 'null', '"two\\\\nlines"')
+    """
+    if isinstance(value, str) and "\n" in value:
+        return json.dumps(value)  # JSON is YAML, and keeps line breaks as \n on one line
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str:
+    """' Did you mean ...?' with the closest options (difflib), or '' when none is close.
+
+    >>> did_you_mean("max_stpes", ["max_steps", "warmup_steps", "seed"])
+    " Did you mean 'max_steps'?"
+    >>> did_you_mean("batch_size", ["per_device_train_batch_size", "seed"])
+    " Did you mean 'per_device_train_batch_size'?"
+    >>> did_you_mean("zzz", ["max_steps"])
+    ''
+    """
+    options = list(dict.fromkeys(options))  # each once, in order
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    close += [o for o in options if len(name) > 3 and name in o and o not in close]  # batch_size: per_device_...
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def _resolve_paths(raw: dict[str, Any], bases: list[Path]) -> None:
@@ -760,7 +847,8 @@ def _read_yaml(path: Path, given: str) -> dict[str, Any]:
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str, started_in: Path) -> None:
+def _apply_override(raw: dict[str, Any], item: str, started_in: Path) -> str:
+    """Put one `section.key=value` into the raw config (a path read from `started_in`); returns `section.key`."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
@@ -768,11 +856,11 @@ def _apply_override(raw: dict[str, Any], item: str, started_in: Path) -> None:
     section, field = parts
     if section not in RunConfig.model_fields:
         raise ConfigError(
-            f"Unknown section '{section}' in --set '{item}'. Allowed sections: {', '.join(RunConfig.model_fields)}."
+            f"Unknown section '{section}' in --set '{item}'.{did_you_mean(section, RunConfig.model_fields)} "
+            f"Allowed sections: {', '.join(RunConfig.model_fields)}."
         )
-    allowed = _section_class(section).model_fields
-    if field not in allowed:
-        raise ConfigError(f"Unknown key '{key}' (from --set). Allowed keys in '{section}': {', '.join(allowed)}.")
+    if field not in _section_class(section).model_fields:
+        raise ConfigError(f"Unknown key '{section}.{field}' (from --set '{item}').{_unknown_key_hint(section, field)}")
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise ConfigError(f"Section '{section}' must be a mapping.")
@@ -785,6 +873,17 @@ def _apply_override(raw: dict[str, Any], item: str, started_in: Path) -> None:
     if section == "data" and field in ONE_OR_SEVERAL:  # --set data.source=x replaces the file's data.sources
         raw[section].pop(ONE_OR_SEVERAL[field], None)
     raw[section][field] = value
+    return f"{section}.{field}"
+
+
+def _unknown_key_hint(section: str, field: str) -> str:
+    """The closest keys of the section, the same key in other sections, and the section's allowed keys."""
+    allowed = _section_class(section).model_fields
+    elsewhere = [
+        f"{s}.{field}" for s in RunConfig.model_fields if s != section and field in _section_class(s).model_fields
+    ]
+    hint = did_you_mean(field, allowed) or did_you_mean(field, elsewhere)  # this section's keys first
+    return f"{hint} Allowed keys in '{section}': {', '.join(allowed)} (python run.py config lists them described)."
 
 
 def _section_class(section: str) -> type[BaseModel]:
@@ -793,20 +892,22 @@ def _section_class(section: str) -> type[BaseModel]:
     return annotation
 
 
-def _explain(err: ValidationError, source: str) -> str:
+def _explain(err: ValidationError, file_label: str, given_by_set: dict[str, str]) -> str:
     problems = []
     for e in err.errors():
         loc, message = _dotted(e["loc"]), e["msg"].removeprefix("Value error, ")
+        origin = given_by_set.get(".".join(str(p) for p in e["loc"][:2]))
+        source = f"from --set '{origin}'" if origin else f"from {file_label}"
         if e["type"] == "extra_forbidden":
-            where, allowed = _allowed_keys(e["loc"])
-            problems.append(f"Unknown key '{loc}'. Allowed keys in {where}: {', '.join(allowed)}.")
+            problems.append(_unknown_in_file(e["loc"], source))
         elif e["type"] == "missing":
-            problems.append(f"'{loc}' is missing; it is required.")
-        elif len(e["loc"]) <= 1:  # a check of a whole section (or the top level): its message names the keys
-            problems.append(message + ".")
+            problems.append(f"'{loc}' is missing ({source}); it is required.")
+        elif len(e["loc"]) <= 1:  # a check across keys: name every place the values may have come from
+            sets = "".join(f", --set '{item}'" for item in given_by_set.values())
+            problems.append(f"{message} (from {file_label}{sets}).")
         else:
-            problems.append(f"'{loc}' = {e.get('input')!r} is invalid: {message}.")
-    return f"Invalid configuration (from {source}): " + " ".join(problems)
+            problems.append(f"'{loc}' = {e.get('input')!r} ({source}) is invalid: {message}.")
+    return "Invalid configuration: " + " ".join(problems)
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:
@@ -818,11 +919,15 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 
 
-def _allowed_keys(loc: tuple[int | str, ...]) -> tuple[str, list[str]]:
-    """Where an unknown key was found, and the keys allowed there."""
+def _unknown_in_file(loc: tuple[int | str, ...], source: str) -> str:
+    name = _dotted(loc)
     if loc[:2] == ("data", "sources") and len(loc) == 4:
-        return "a data.sources entry", list(DataSourceEntry.model_fields)
-    section = str(loc[0]) if len(loc) > 1 else None
-    if section in RunConfig.model_fields:
-        return f"'{section}'", list(_section_class(section).model_fields)
-    return "the top level", list(RunConfig.model_fields)
+        allowed = list(DataSourceEntry.model_fields)
+        hint = did_you_mean(str(loc[3]), allowed)
+        return f"Unknown key '{name}' ({source}).{hint} Allowed keys in a data.sources entry: {', '.join(allowed)}."
+    if len(loc) > 1 and str(loc[0]) in RunConfig.model_fields:
+        return f"Unknown key '{name}' ({source}).{_unknown_key_hint(str(loc[0]), str(loc[1]))}"
+    sections = RunConfig.model_fields
+    return (
+        f"Unknown section '{name}' ({source}).{did_you_mean(name, sections)} Allowed sections: {', '.join(sections)}."
+    )

@@ -7,6 +7,9 @@ tracker (or a test without a stack) records metadata and skips the rest.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,24 @@ from zenml import get_step_context, log_metadata
 
 from llmtune.config import RunConfig
 from llmtune.errors import leave_for_cli
+
+ZENML_MLFLOW_LOGGER = "zenml.integrations.mlflow.experiment_trackers.mlflow_experiment_tracker"
+
+
+class AbsentAutologFlavorFilter(logging.Filter):
+    """Drops ZenML's after-every-step warning "Failed to disable MLflow autologging for ... ['fastai']" when
+    every framework it names has no MLflow flavor to disable (MLflow 3 removed `mlflow.fastai`): nothing was
+    logging, so there is nothing to warn about. A flavor that exists and failed to disable still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Failed to disable MLflow autologging"):
+            return True
+        frameworks = re.findall(r"'(\w+)'", message)
+        return not frameworks or any(importlib.util.find_spec(f"mlflow.{name}") for name in frameworks)
+
+
+logging.getLogger(ZENML_MLFLOW_LOGGER).addFilter(AbsentAutologFlavorFilter())
 
 
 def record(
@@ -55,6 +76,16 @@ def metric_logger(name: str) -> Callable[[float, int], None]:
     """A callback for the library that logs `name` at a step to the active MLflow run (a no-op without one)."""
 
     def log(value: float, step: int) -> None:
+        if mlflow.active_run() is not None:
+            mlflow.log_metric(name, value, step=step)
+
+    return log
+
+
+def step_metric_logger() -> Callable[[str, float, int], None]:
+    """A callback for the library that logs any named value at a step (learning rate, grad norm, ...)."""
+
+    def log(name: str, value: float, step: int) -> None:
         if mlflow.active_run() is not None:
             mlflow.log_metric(name, value, step=step)
 

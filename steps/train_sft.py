@@ -47,7 +47,9 @@ def train_sft(
         checkpoint_dir=checkpoint_dir(cfg, base.path, initial_adapter.path, data.path, backend, max_seq_length),
     )
     processes = distributed.processes_for(cfg.num_gpus, distributed.visible_gpus())
-    report = distributed.train_adapter(job, processes, on_loss=tracking.metric_logger("train_loss"))
+    report = distributed.train_adapter(
+        job, processes, on_loss=tracking.metric_logger("train_loss"), on_metric=tracking.step_metric_logger()
+    )
     tracking.record(
         metadata=report.summary(),
         params={**tracking.section_params("training", cfg), "training.backend_used": report.backend},

@@ -68,6 +68,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (["--config", "does/not/exist.yaml"], "does/not/exist.yaml"),
         (["--set", "data.source=missing/rows.jsonl"], "missing/rows.jsonl"),
         (["--set", "model.name=/no/such/model/dir"], "/no/such/model/dir"),
+        (["--set", "model.name=assets/demo-bse"], "Did you mean 'assets/demo-base'?"),
+        (["--set", "model.name=owner/not-in-cache"], "HF_TOKEN"),  # offline here: conftest sets HF_HUB_OFFLINE
     ],
 )
 def test_cli_rejects_bad_input_with_exit_2_and_no_traceback(args: list[str], must_mention: str) -> None:
@@ -118,3 +120,76 @@ def test_an_earlier_runs_config_with_keys_since_removed_still_loads() -> None:
     stored = RunConfig().model_dump()
     stored["export"]["require_improvement"] = True  # a key older versions had
     assert RunConfig.from_stored(stored).export == RunConfig().export
+
+
+def test_every_config_key_has_a_description() -> None:
+    undescribed = [
+        f"{section}.{key}"
+        for section in RunConfig.model_fields
+        for key, field in type(getattr(RunConfig(), section)).model_fields.items()
+        if not field.description
+    ]
+    assert undescribed == []
+
+
+def test_config_command_prints_the_resolved_config_described_and_loadable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import run
+
+    assert run.main(["config", "--set", "training.max_steps=7", "--set", "lora.r=8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# Resolved from configs/finetune.yaml --set training.max_steps=7 --set lora.r=8\n")
+    lines = text.splitlines()
+    at = lines.index("  max_steps: 7")
+    assert lines[at - 1] == "  # Optimizer steps to run. (default: 300; changed)"
+    assert "  # LoRA rank. (default: 16; changed)" in lines
+    assert "  # Hub model revision (branch, tag or commit). (default: null)" in lines  # unchanged: no mark
+    keys = [i for i, line in enumerate(lines) if line.startswith("  ") and not line.startswith("  #")]
+    assert len(keys) == sum(len(section) for section in RunConfig().model_dump().values())
+    assert all(lines[i - 1].startswith("  # ") for i in keys), "every key is preceded by its description"
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(text)
+    assert load_config(saved) == load_config(ROOT / "configs/finetune.yaml", ["training.max_steps=7", "lora.r=8"])
+
+
+def test_config_command_schema_has_the_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import run
+
+    assert run.main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["$defs"]["TrainingConfig"]["properties"]["max_steps"]["description"] == "Optimizer steps to run."
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "suggestion"),
+    [
+        ("", ["training.max_stpes=5"], "Did you mean 'max_steps'"),
+        ("", ["training.batch_size=5"], "Did you mean 'per_device_train_batch_size'"),
+        ("", ["evaluation.optim=sgd"], "Did you mean 'training.optim'"),
+        ("", ["trainig.max_steps=5"], "Did you mean 'training'"),
+        ("lora:\n  rank: 8\n", [], "Unknown key 'lora.rank' (from file"),
+        ("lora:\n  alpah: 8\n", [], "Did you mean 'alpha'"),
+        ("modle:\n  name: x\n", [], "Unknown section 'modle' (from file"),
+        ("modle:\n  name: x\n", [], "Did you mean 'model'"),
+    ],
+)
+def test_unknown_key_suggests_the_closest(
+    tmp_path: Path, yaml_text: str, overrides: list[str], suggestion: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=re.escape(suggestion)):
+        load_config(path, overrides)
+
+
+def test_a_bad_override_is_blamed_on_its_set_and_a_bad_file_value_on_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  max_steps: 5\n  learning_rate: 2.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["training.max_steps=many"])
+    message = str(caught.value)
+    assert "'training.max_steps' = 'many' (from --set 'training.max_steps=many') is invalid" in message
+    assert f"'training.learning_rate' = 2.0 (from file '{path}') is invalid" in message

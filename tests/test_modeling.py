@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from pathlib import Path
 
 import pytest
@@ -48,9 +51,22 @@ def trained(tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path, prepa
         lr_scheduler_type="cosine",
     )
     tokenizer = AutoTokenizer.from_pretrained(prepared_dir / "tokenizer")
-    report = sft.train(model, tokenizer, load_from_disk(str(prepared_dir / "train")), cfg, work / "t", 128)
+    metrics: list[tuple[str, float, int]] = []
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # not a terminal: one progress line per logging step
+        report = sft.train(
+            model,
+            tokenizer,
+            load_from_disk(str(prepared_dir / "train")),
+            cfg,
+            work / "t",
+            128,
+            on_metric=lambda name, value, step: metrics.append((name, value, step)),
+        )
     model.save_pretrained(str(work / "adapter"))
     return {
+        "printed": printed.getvalue(),
+        "metrics": metrics,
         "model": model,
         "before": before,
         "base_before": base_before,
@@ -93,6 +109,46 @@ def test_loss_falls(trained: dict) -> None:
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.85 * first, losses
+
+
+PROGRESS_LINE = re.compile(
+    r"^step (\d+)/40 \(\d+%\) \| loss [\d.]+ \| lr [\d.]+e[-+]\d+ \| grad norm [\d.e+-]+ \| [\d,]+ tokens/s "
+    r"\| elapsed \d+:\d\d \| ETA \d+:\d\d$"
+)
+
+
+def test_training_prints_one_progress_line_per_logging_step_off_a_terminal(trained: dict) -> None:
+    lines = [line for line in trained["printed"].splitlines() if line.startswith("step ")]
+    steps = [int(m.group(1)) for line in lines if (m := PROGRESS_LINE.match(line))]
+    assert steps == list(range(1, 41)), lines[:3]
+    assert "{'loss'" not in trained["printed"], "the Trainer's own log dictionaries are not printed"
+    assert lines[-1].endswith("ETA 0:00")
+
+
+def test_learning_rate_and_grad_norm_are_handed_on_per_logging_step(trained: dict) -> None:
+    for name in sft.STEP_CURVES:
+        points = [(value, step) for n, value, step in trained["metrics"] if n == name]
+        assert [step for _, step in points] == list(range(1, 41)), name
+        assert [p[name] for p in trained["report"]["loss_history"]] == [value for value, _ in points]
+    rates = [value for n, value, _ in trained["metrics"] if n == "learning_rate"]
+    assert rates[0] == pytest.approx(3e-3, rel=0.01) and rates[-1] < rates[20] < rates[0], "cosine from the peak"
+
+
+def test_progress_is_a_bar_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from transformers import TrainerState
+
+    progress = sft.TrainingProgress(tokens_per_step=1000, use_bar=True)
+    state = TrainerState(max_steps=5, global_step=0)
+    progress.on_train_begin(None, state, None)
+    for step in range(1, 6):
+        state.global_step = step
+        progress.on_log(None, state, None, logs={"loss": 2.0 / step, "learning_rate": 1e-3, "grad_norm": 0.5})
+        progress.on_step_end(None, state, None)
+    progress.on_train_end(None, state, None)
+    captured = capsys.readouterr()
+    assert captured.out == "", "no per-step lines under a bar"
+    assert "train: 100%" in captured.err and "5/5" in captured.err
+    assert "loss 0.4 | lr 1.00e-03 | grad norm 0.5" in captured.err
 
 
 def test_a_diverged_step_stops_training_with_what_to_change(

@@ -64,6 +64,8 @@ def test_metrics_params_and_artifacts_are_in_mlflow(first_run: dict) -> None:
     assert client.get_experiment(mlflow_run.info.experiment_id).name == "finetune"
     curve = client.get_metric_history(run_id, "train_loss")
     assert [m.step for m in curve] == [2, 4, 6, 8]
+    for name in ("learning_rate", "grad_norm"):  # per logging step, like the loss
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [2, 4, 6, 8], name
     metrics = mlflow_run.data.metrics
     assert metrics["tuned_eval_loss"] < metrics["base_eval_loss"]
     assert {"base_exact_match", "tuned_exact_match", "merge_check_max_logit_gap"} <= set(metrics)

@@ -155,20 +155,28 @@ def worker_env() -> dict[str, str]:
 
 
 def train_adapter(
-    job: TrainJob, processes: int = 1, on_loss: Callable[[float, int], None] | None = None
+    job: TrainJob,
+    processes: int = 1,
+    on_loss: Callable[[float, int], None] | None = None,
+    on_metric: Callable[[str, float, int], None] | None = None,
 ) -> TrainingReport:
     """Train `job`'s adapter in this process (`processes=1`) or data-parallel in `processes` processes.
 
-    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve: as
-    training goes in this process, at the end from rank 0's report when the workers ran elsewhere.
+    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve and
+    `on_metric(name, value, step)` the learning-rate and grad-norm curves: as training goes in this process,
+    at the end from rank 0's report when the workers ran elsewhere.
     """
     job = for_parallelism(job, processes)
     if processes <= 1:
-        return train_this_rank(job, rank=0, on_loss=on_loss)
+        return train_this_rank(job, rank=0, on_loss=on_loss, on_metric=on_metric)
     report = train_data_parallel(job, processes)
-    if on_loss is not None:
-        for point in report.loss_history:
-            on_loss(point["loss"], int(point["step"]))
+    for point in report.loss_history:
+        step = int(point["step"])
+        if on_loss is not None:
+            on_loss(point["loss"], step)
+        for name, value in point.items():
+            if on_metric is not None and name not in ("step", "loss"):
+                on_metric(name, value, step)
     return report
 
 
@@ -256,7 +264,12 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], None] | None = None) -> TrainingReport:
+def train_this_rank(
+    job: TrainJob,
+    rank: int,
+    on_loss: Callable[[float, int], None] | None = None,
+    on_metric: Callable[[str, float, int], None] | None = None,
+) -> TrainingReport:
     """Load the 4-bit base + adapter on this process's GPU, train, and on rank 0 save the adapter and report.
 
     A GPU out-of-memory error here becomes `GpuOutOfMemory`, naming the settings to lower.
@@ -285,6 +298,7 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
             callbacks=[make_callback(name) for name in job.callbacks],
             checkpoint_dir=job.checkpoint_dir,
             on_loss=on_loss,
+            on_metric=on_metric,
             save_adapter_to=job.out_dir,
         )
     report = TrainingReport(

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from llmtune.config import TrainingConfig
@@ -145,12 +146,22 @@ class _FlashOnlyWarningFilter(logging.Filter):
 logging.getLogger("trl.trainer.sft_trainer").addFilter(_FlashOnlyWarningFilter())
 
 
-class LossHistory(TrainerCallback):
-    """Keeps every logged training loss and hands each one to `on_log(loss, step)` (the step logs it to MLflow)."""
+# Per-step training values the Trainer logs besides the loss, kept in the history and handed to `on_metric`.
+STEP_CURVES = ("learning_rate", "grad_norm")
 
-    def __init__(self, on_log: Callable[[float, int], None] | None = None) -> None:
+
+class LossHistory(TrainerCallback):
+    """Keeps every logged training loss (with the learning rate and grad norm of that step) and hands each loss to
+    `on_log(loss, step)` and each of `STEP_CURVES` to `on_metric(name, value, step)` (the step logs them to MLflow)."""
+
+    def __init__(
+        self,
+        on_log: Callable[[float, int], None] | None = None,
+        on_metric: Callable[[str, float, int], None] | None = None,
+    ) -> None:
         self.points: list[dict[str, float]] = []
         self.forward_to = on_log
+        self.forward_metric = on_metric
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs:
@@ -161,9 +172,91 @@ class LossHistory(TrainerCallback):
                 f"Training loss became {loss} at step {state.global_step}. Lower "
                 f"training.learning_rate or check that some labels are not masked."
             )
-        self.points.append({"step": state.global_step, "loss": loss})
+        curves = {name: float(logs[name]) for name in STEP_CURVES if isinstance(logs.get(name), int | float)}
+        self.points.append({"step": state.global_step, "loss": loss, **curves})
         if self.forward_to is not None:
             self.forward_to(loss, state.global_step)
+        if self.forward_metric is not None:
+            for name, value in curves.items():
+                self.forward_metric(name, value, state.global_step)
+
+
+class TrainingProgress(TrainerCallback):
+    """Training progress a user can follow: step/total, loss, learning rate, tokens/s and ETA.
+
+    A tqdm bar when the output is a terminal; otherwise (step logs, CI, a pipe) one line per logging step.
+    Replaces the Trainer's own bar and its printed log dictionaries. Only the main process reports.
+
+    >>> progress = TrainingProgress(tokens_per_step=2048, use_bar=False)
+    >>> progress.total, progress.first_step, progress.started = 200, 0, time.perf_counter() - 20.0
+    >>> progress.last = {"loss": 1.2345, "learning_rate": 0.0019, "grad_norm": 0.52}
+    >>> print(progress.line(step=20))  # doctest: +ELLIPSIS
+    step 20/200 (10%) | loss 1.234 | lr 1.90e-03 | grad norm 0.52 | 2,0... tokens/s | elapsed 0:20 | ETA 3:0...
+    """
+
+    def __init__(self, tokens_per_step: float, use_bar: bool | None = None) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.use_bar = _on_a_terminal() if use_bar is None else use_bar
+        self.total, self.first_step, self.started = 0, 0, time.perf_counter()
+        self.last: dict[str, float] = {}
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.total, self.first_step, self.started = int(state.max_steps), int(state.global_step), time.perf_counter()
+        if self.use_bar and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.first_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix_str(self.line(state.global_step, short=True), refresh=False)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        self.last.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+        if self.bar is None and ("loss" in logs or "eval_loss" in logs):
+            print(self.line(state.global_step), flush=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def line(self, step: int, short: bool = False) -> str:
+        """The progress at `step` as one line (`short`: without step and ETA, which the bar shows itself)."""
+        elapsed = time.perf_counter() - self.started
+        done = max(step - self.first_step, 0)
+        parts = [f"{name} {fmt(self.last[key])}" for key, name, fmt in _SHOWN if key in self.last]
+        if done:
+            parts.append(f"{self.tokens_per_step * done / elapsed:,.0f} tokens/s")
+        if short:
+            return " | ".join(parts)
+        eta = f" | ETA {_clock((self.total - step) * elapsed / done)}" if done else ""
+        head = f"step {step}/{self.total} ({100 * step // max(self.total, 1)}%)"
+        return " | ".join([head, *parts]) + f" | elapsed {_clock(elapsed)}{eta}"
+
+
+# What a progress line shows of the Trainer's logs: key, label, format.
+_SHOWN: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("loss", "loss", lambda v: f"{v:.4g}"),
+    ("learning_rate", "lr", lambda v: f"{v:.2e}"),
+    ("grad_norm", "grad norm", lambda v: f"{v:.3g}"),
+    ("eval_loss", "eval loss", lambda v: f"{v:.4g}"),
+)
+
+
+def _clock(seconds: float) -> str:
+    """0:20, 3:05, 1:02:03."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _on_a_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
 class _PortableSFTTrainer(SFTTrainer):
@@ -206,6 +299,7 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     checkpoint_dir: str | Path | None = None,
     on_loss: Callable[[float, int], None] | None = None,
+    on_metric: Callable[[str, float, int], None] | None = None,
     save_adapter_to: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed.
@@ -218,7 +312,7 @@ def train(
     adapter there (under FSDP after every process has helped gather its shards).
     """
     cfg = resolve_batching(cfg, [len(ids) for ids in train_dataset["input_ids"]])
-    history = LossHistory(on_loss)
+    history = LossHistory(on_loss, on_metric)
     resume_from = last_checkpoint(checkpoint_dir) if checkpoint_dir else None
     trainer = _PortableSFTTrainer(
         model=model,
@@ -227,6 +321,9 @@ def train(
         processing_class=tokenizer,
         callbacks=[history, *(callbacks or [])],
     )
+    for default in (ProgressCallback, PrinterCallback):  # our progress replaces the bar and the printed dicts
+        trainer.remove_callback(default)
+    trainer.add_callback(TrainingProgress(_tokens_per_step(trainer)))
     # One process trains on one GPU. With several visible and no data-parallel launch, the Trainer would
     # multiply the batch by their number for nn.DataParallel, which it then skips for a 4-bit model.
     trainer.args._n_gpu = min(trainer.args.n_gpu, 1)
@@ -268,6 +365,14 @@ def save_adapter(trainer: Any, model: Any, cfg: TrainingConfig, out_dir: str | P
     state = fsdp.full_adapter_state(model) if fsdp.enabled(cfg) and trainer.args.world_size > 1 else None
     if trainer.args.process_index == 0:
         model.save_pretrained(str(out_dir), state_dict=state)
+
+
+def _tokens_per_step(trainer: Any) -> float:
+    """Tokens one optimizer step trains on, on average over the (prepared, maybe packed) training rows."""
+    rows = trainer.train_dataset
+    mean_row = sum(len(ids) for ids in rows["input_ids"]) / max(len(rows), 1)
+    args = trainer.args
+    return mean_row * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
 def batching_summary(cfg: TrainingConfig, flattened: bool, examples: int, rows: int, processes: int = 1) -> str:
