@@ -135,10 +135,23 @@ def test_sources_in_a_config_file_and_on_the_command_line(tmp_path: Path, two_fi
     cfg = load_config(config).data
     assert [e.cfg.source for e in cfg.entries()] == [str(tmp_path / "a.jsonl"), str(b)]  # next to the config file
     assert [e.label for e in cfg.entries()] == ["a.jsonl", "chats"] and cfg.source is None
+    typed = load_config(None, ["data.sources=[a.jsonl, {source: a.jsonl, fraction: 0.5}]"], cwd=tmp_path).data
+    assert [e.cfg.source for e in typed.entries()] == [str(tmp_path / "a.jsonl")] * 2, "read from where it ran"
+    assert [e.label for e in typed.entries()] == ["a.jsonl #0", "a.jsonl #1"]
     one = load_config(config, [f"data.source={a}"]).data
     assert one.sources is None and one.source == str(a), "--set data.source replaces the file's data.sources"
     with pytest.raises(ConfigError, match=r"both data\.source and data\.sources"):
         load_config(None, [f"data.source={a}", f"data.sources=[{b}]"])
+
+
+def test_an_eval_split_name_is_read_from_every_source(tmp_path: Path, tiny_model_dir: Path) -> None:
+    for name, train, test in (("a", alpaca_rows(30), alpaca_rows(34)[30:]), ("b", sharegpt_rows(30), [])):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "train.jsonl", train)
+        write_jsonl(tmp_path / name / "test.jsonl", test or sharegpt_rows(32)[30:])
+    stats = run(tmp_path, tiny_model_dir, sources=[str(tmp_path / "a"), str(tmp_path / "b")], eval_split="test")
+    assert (stats["train_rows"], stats["eval_rows"], stats["eval_rows_in"]) == (60, 6, 6)
+    assert [(s["train_rows"], s["eval_rows"]) for s in stats["sources"]] == [(30, 0), (30, 0)]
 
 
 @pytest.mark.pipeline
