@@ -26,7 +26,7 @@ from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example, detect_format, to_example, used_columns
 from llmtune.data.preference import chosen_row, detect_preference, preference_columns, refusal
 from llmtune.data.sources import Record, read_records
-from llmtune.data.templates import check_renders_tools, configure_tokenizer, describe_template
+from llmtune.data.templates import check_renders_tools, configure_tokenizer, describe_template, template_date
 
 
 @dataclass
@@ -169,11 +169,20 @@ def fit_length(
 
 
 def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
-    """Prepare `cfg.source` for training with `tokenizer`; write the prepared folder; return its stats."""
+    """Prepare `cfg.source` for training with `tokenizer`; write the prepared folder; return its stats.
+
+    Templates that print today's date print data.template_date when it is set.
+    """
+    with template_date(cfg.template_date):
+        return _prepare(cfg, tokenizer, out_dir)
+
+
+def _prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
     errors, tally = ErrorLog(cfg.on_error), Tally()
     loaded = load_examples(cfg, errors)
     tally.rows_in, tally.dropped = loaded.rows_read, Counter(loaded.dropped)
-    template = configure_tokenizer(tokenizer, cfg.chat_template) if loaded.format != "text" else "none (plain text)"
+    chat = loaded.format != "text"
+    template = configure_tokenizer(tokenizer, cfg.chat_template, cfg.pad_token) if chat else "none (plain text)"
     check_renders_tools(tokenizer, template, loaded.examples)
     seen: set[Example] = set()
     examples = _subsample(clean(loaded.examples, tally, seen, cfg.dedupe), cfg, tally)
@@ -359,11 +368,14 @@ def _stats(
         "preference": loaded.preference,
         "unused_columns": loaded.unused_columns,
         "template": template,
+        "pad_token": f"{tokenizer.pad_token}",
         "rows_in": tally.rows_in,
         "rows_kept": len(train) + (0 if cfg.eval_split else len(evals)),  # rows_in = rows_kept + dropped
         "dropped": {k: v for k, v in sorted(tally.dropped.items()) if v},
         "truncated": tally.truncated,
         "first_errors": errors.first,
+        "split_conversations": errors.split,  # trained one sequence per answer (see encode.encode_kept)
+        "first_split": errors.first_split,
         "train_rows": len(train),
         "eval_rows": len(evals),
         "eval_from": f"split '{cfg.eval_split}'"
