@@ -111,3 +111,21 @@ def test_the_printed_example_marks_trained_tokens_without_colour(tmp_path: Path,
     assert "\x1b[" not in printed.getvalue()  # no colour at all
     trained = [text for text, is_trained in stats["example"] if is_trained]
     assert trained and all(f"[[{text}]]" in printed.getvalue() for text in trained)
+
+
+def test_prepare_counts_conversations_trained_one_sequence_per_answer(tmp_path: Path, demo_tokenizer: Any) -> None:
+    """Mistral-style: the system prompt moves to the last user turn, so each answer is its own sequence."""
+    import json
+
+    from llmtune.data import report
+
+    rows = tmp_path / "chats.jsonl"
+    turns = [("system", "Be brief."), ("user", "Spell 4."), ("assistant", "four"), ("user", "And 5?")]
+    with rows.open("w") as f:
+        for answer in ("five", "fivE", "FIVE"):
+            messages = [{"role": r, "content": c} for r, c in [*turns, ("assistant", answer)]]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    stats = prepare(DataConfig(source=str(rows)), family_tokenizer(demo_tokenizer, "mistral"), tmp_path / "out")
+    assert stats["split_conversations"] == 3 and stats["train_rows"] + stats["eval_rows"] == 6
+    assert "differently once later turns follow" in stats["first_split"]
+    assert ("conversations trained one sequence per answer", "3") in report.summary_rows(stats)
