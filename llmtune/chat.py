@@ -2,7 +2,7 @@
 
 A `ChatSession` keeps the conversation (multi-turn) and renders every prompt with `llmtune.data.encode.render`,
 the function training rendered its rows with, on the tokenizer saved with the run, so the model sees the layout
-it was trained on. Generation stops at `stop_token_ids`: the tokenizer's EOS and the template's end-of-turn token.
+it was trained on. Generation stops at `stop_token_ids`: every end-of-turn token of the template, as evaluation does.
 
 Example (the demo tokenizer with ChatML; the model is only needed to generate):
     >>> from llmtune.demo import make_demo_rows, build_demo_tokenizer
@@ -27,30 +27,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmtune.data.encode import render
-
-MARK = "\x1fllmtune-answer\x1f"  # an answer text no template changes
-
-
-def end_of_turn_text(tokenizer: Any) -> str:
-    """What the chat template writes right after an assistant answer (e.g. '<|im_end|>\\n'); '' when nothing."""
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": MARK}]
-    try:
-        text = render(tokenizer, messages, add_generation_prompt=False)
-    except Exception:  # a template that refuses this conversation has no end-of-turn to find
-        return ""
-    return text.partition(MARK)[2]
+from llmtune.data.templates import end_of_turn_ids
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
-    """Token ids generation stops at: the tokenizer's EOS, and the template's end-of-turn token when it is a single
-    special token (Llama-3's <|eot_id|> beside <|end_of_text|>). Issue 19 extends this one place."""
-    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    after = end_of_turn_text(tokenizer).strip()
-    if after:
-        first = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
-        special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
-        stops += [i for i in first if i in special]
-    return list(dict.fromkeys(stops))
+    """Token ids generation stops at: every end-of-turn token the template uses, EOS included (the same
+    `llmtune.data.templates.end_of_turn_ids` that evaluation stops at)."""
+    return end_of_turn_ids(tokenizer)
 
 
 class _CallbackStreamer:

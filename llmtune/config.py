@@ -23,6 +23,7 @@ import os
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -205,6 +206,17 @@ class DataConfig(_Section):
         + ", ".join(CHAT_TEMPLATE_NAMES)
         + ") or the path of a Jinja file (e.g. templates/my-model.jinja); null uses the tokenizer's own.",
     )
+    pad_token: str | None = Field(
+        None,
+        description="Token to pad batches with, from the tokenizer's vocabulary (e.g. <|fim_pad|>); it must not be "
+        "EOS or an end-of-turn token, which the model must learn. null = the tokenizer's pad when it is neither, "
+        "else an unused special token chosen automatically (the report names it).",
+    )
+    template_date: str | None = Field(
+        None,
+        description="Date (YYYY-MM-DD) that chat templates print as today's (Llama-3.1's 'Today Date'), so the "
+        "prepared data and its fingerprint do not change from day to day; null = the real date.",
+    )
     train_on_responses_only: bool = Field(True, description="Loss on assistant turns only (prompt tokens masked).")
     max_seq_length: int = Field(256, ge=8, le=131072, description="Longest example in tokens.")
     overlength: Literal["drop", "truncate"] = Field(
@@ -261,6 +273,18 @@ class DataConfig(_Section):
             f"'{value}' is not a template name; use one of {', '.join(CHAT_TEMPLATE_NAMES)}, the path of a Jinja "
             "file (ending in .jinja, or with a folder, e.g. ./my_template), or null for the tokenizer's own"
         )
+
+    @field_validator("template_date", mode="before")
+    @classmethod
+    def _iso_date(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, date):  # YAML reads 2026-01-15 as a date
+            return value.isoformat()
+        try:
+            return date.fromisoformat(str(value)).isoformat()
+        except ValueError:
+            raise ValueError(f"'{value}' is not a date; write it as YYYY-MM-DD, e.g. 2026-01-15") from None
 
     @field_validator("columns")
     @classmethod
@@ -448,6 +472,12 @@ class EvaluationConfig(_Section):
     num_generation_prompts: int = Field(64, ge=0, description="Eval prompts answered by greedy generation.")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer.")
     batch_size: int = Field(16, ge=1, description="Batch size for eval loss and generation.")
+    score_final_answer: bool = Field(
+        True,
+        description="Score what follows a reasoning block (<think>...</think>, empty ones included, as Qwen3 and "
+        "DeepSeek-R1 write) instead of the whole generation; the reasoning stays in the samples table "
+        "(base_reasoning / tuned_reasoning). Answers without such a block are scored as they are.",
+    )
     metrics: list[Literal["exact_match", "rouge_l", "chrf", "bleu"]] = Field(
         ["exact_match", "rouge_l", "chrf", "bleu"],
         description="Scores of the greedy answers against the references, each 0-1 (chrF and BLEU: sacrebleu / 100).",

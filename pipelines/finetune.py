@@ -18,6 +18,7 @@ from zenml.client import Client
 
 from llmtune.config import RunConfig
 from llmtune.data import sources_fingerprint
+from llmtune.data.templates import tokenizer_cache_key
 from steps import evaluate, inject_lora, load_base_model, merge_and_push, prepare_dataset, promotion_gate, train_sft
 from steps.tracking import leave_user_error
 
@@ -42,13 +43,15 @@ def finetune(config: dict, champion: dict | None = None, champion_version: str |
 
 
 def prepared_data(cfg: RunConfig) -> Any:
-    """The prepare step, keyed on the data's bytes too (of every source), so edited data at the same path is not a
-    cache hit."""
+    """The prepare step, keyed on the data's bytes (of every source) and the tokenizer's template renderings and
+    revision too, so edited data or an edited chat template at the same path is not a cache hit."""
     return prepare_dataset(
         cfg.data,
         tokenizer_source=cfg.model.name,
         trust_remote_code=cfg.model.trust_remote_code,
         source_fingerprint=sources_fingerprint(cfg.data),
+        tokenizer_revision=cfg.model.revision,
+        tokenizer_key=tokenizer_cache_key(cfg.model.name, cfg.model.revision, cfg.model.trust_remote_code),
     )
 
 

@@ -17,11 +17,20 @@ logger = get_logger(__name__)
 
 @step(experiment_tracker=True)
 def prepare_dataset(
-    cfg: DataConfig, tokenizer_source: str, trust_remote_code: bool = False, source_fingerprint: str = ""
+    cfg: DataConfig,
+    tokenizer_source: str,
+    trust_remote_code: bool = False,
+    source_fingerprint: str = "",
+    tokenizer_revision: str | None = None,
+    tokenizer_key: str = "",
 ) -> PreparedData:
-    """`source_fingerprint` (a hash of the local data's bytes) is only here to key the step cache on content."""
+    """`source_fingerprint` (a hash of the local data's bytes) and `tokenizer_key` (the tokenizer's revision and a
+    hash of its chat template's renderings, `templates.tokenizer_cache_key`) are only here to key the step cache
+    on content: edited data or an edited chat_template.jinja at the same path prepares again."""
     out = tempfile.mkdtemp(prefix="llmtune-data-")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer_source, revision=tokenizer_revision, trust_remote_code=trust_remote_code
+    )
     stats = data.prepare(cfg, tokenizer, out)
     for line in report.warning_lines(stats):
         logger.warning(line)
@@ -29,6 +38,7 @@ def prepare_dataset(
         metadata={
             **{k: v for k, v in stats.items() if k not in ("example", "length_histogram")},
             "source_fingerprint": source_fingerprint,
+            "tokenizer_key": tokenizer_key,
         },
         params={
             **tracking.section_params("data", cfg),

@@ -110,9 +110,12 @@ def test_bad_entries_are_named_by_index_and_field(
         config.write_text(yaml.safe_dump({"data": {"sources": [str(a), *entries]}}))
         load_config(config)
 
-    with pytest.raises(ConfigError, match=r"'data.sources\[1\].format' = 'sharegtp' is invalid"):
+    with pytest.raises(ConfigError, match=r"'data.sources\[1\].format' = 'sharegtp' \(from file .*'\) is invalid"):
         load({"source": str(b), "format": "sharegtp"})
-    with pytest.raises(ConfigError, match=r"Unknown key 'data.sources\[1\].wieght'. Allowed keys in a data.sources"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Unknown key 'data.sources\[1\].wieght' \(from .*\)\. Did you mean 'weight'\? Allowed keys in a data",
+    ):
         load({"source": str(b), "wieght": 2})
     with pytest.raises(ConfigError, match=r"'data.sources\[1\].source' is missing"):
         load({"weight": 2})

@@ -29,7 +29,7 @@ from typing import Any
 
 from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example
-from llmtune.data.templates import end_of_turn_ids, end_of_turn_tokens
+from llmtune.data.templates import end_of_turn_ids, end_of_turn_tokens, template_variables
 
 IGNORE = -100
 BATCH = 1024
@@ -54,7 +54,11 @@ def render(
     """The template's text for `messages` (and the row's tool schemas); template errors become DataError."""
     try:
         text = tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **template_variables(),  # a fixed date (data.template_date)
         )
         return str(text)
     except Exception as err:  # jinja raises TemplateError and its own exceptions; raise_exception() refusals too
@@ -223,7 +227,10 @@ def _encode_chat_batches(
     rendering and labelling with it keeps both cores busy. A refused row yields nothing.
     """
     # The Rust tokenizer directly: transformers' per-row conversion of offsets costs more than tokenizing.
-    encode = partial(tokenizer.backend_tokenizer.encode_batch, add_special_tokens=False)
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None:  # left on by an earlier padded call (e.g. generation): ids must be unpadded
+        backend.no_padding()
+    encode = partial(backend.encode_batch, add_special_tokens=False)
     ends = end_of_turn_tokens(tokenizer)
     end_ids = set(end_of_turn_ids(tokenizer))
     out: list[tuple[Encoded, Example]] = []

@@ -31,7 +31,7 @@ from llmtune.data.formats import Example, detect_format, to_example, used_column
 from llmtune.data.mix import MixPlan, after_fraction, plan_mix
 from llmtune.data.preference import chosen_row, detect_preference, preference_columns, refusal
 from llmtune.data.sources import Record, read_records, source_fingerprint
-from llmtune.data.templates import check_renders_tools, configure_tokenizer, describe_template
+from llmtune.data.templates import check_renders_tools, configure_tokenizer, describe_template, template_date
 
 
 @dataclass
@@ -192,7 +192,15 @@ class SourceRows:
 
 def prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
     """Prepare `cfg.source`, or each entry of `cfg.sources` mixed, for training with `tokenizer`; write the
-    prepared folder; return its stats (with `sources`, the counts of each, when there are several)."""
+    prepared folder; return its stats (with `sources`, the counts of each, when there are several).
+
+    Templates that print today's date print data.template_date when it is set.
+    """
+    with template_date(cfg.template_date):
+        return _prepare(cfg, tokenizer, out_dir)
+
+
+def _prepare(cfg: DataConfig, tokenizer: Any, out_dir: str | Path) -> dict[str, Any]:
     parts = [_load_source(entry) for entry in cfg.entries()]
     template = _template_for(tokenizer, cfg, parts)
     seen: set[Example] = set()
@@ -261,7 +269,7 @@ def _template_for(tokenizer: Any, cfg: DataConfig, parts: Sequence[SourceRows]) 
     """The chat template every chat source is rendered with (none when all of them are plain text)."""
     if all(part.loaded.format == "text" for part in parts):
         return "none (plain text)"
-    template = configure_tokenizer(tokenizer, cfg.chat_template)
+    template = configure_tokenizer(tokenizer, cfg.chat_template, cfg.pad_token)
     for part in parts:
         try:
             check_renders_tools(tokenizer, template, part.loaded.examples)
@@ -343,6 +351,8 @@ def _totals(parts: Sequence[SourceRows]) -> tuple[Tally, ErrorLog]:
         total.truncated += part.tally.truncated
         total.lengths_before_limit += part.tally.lengths_before_limit
         errors.count += part.errors.count
+        errors.split += part.errors.split
+        errors.first_split = errors.first_split or part.errors.first_split
         prefix = "" if len(parts) == 1 else f"{part.entry.key}: "
         errors.first += [prefix + message for message in part.errors.first]
     errors.first = errors.first[: ErrorLog.KEEP]
@@ -576,11 +586,14 @@ def _stats(
         "preference": loaded.preference,
         "unused_columns": loaded.unused_columns,
         "template": template,
+        "pad_token": f"{tokenizer.pad_token}",
         "rows_in": tally.rows_in,
         "rows_kept": len(train) + (0 if cfg.eval_split else len(evals)),  # rows_in = rows_kept + dropped
         "dropped": {k: v for k, v in sorted(tally.dropped.items()) if v},
         "truncated": tally.truncated,
         "first_errors": errors.first,
+        "split_conversations": errors.split,  # trained one sequence per answer (see encode.encode_kept)
+        "first_split": errors.first_split,
         "train_rows": len(train),
         "eval_rows": len(evals),
         "eval_from": f"split '{cfg.eval_split}'"

@@ -21,6 +21,7 @@ from typing import Any
 from llmtune.data.encode import IGNORE
 
 PERCENTILES = (5, 50, 90, 95, 99)
+TRAINED_OPEN, TRAINED_CLOSE = "[[", "]]"  # around trained tokens in the printed example; colour may be lost
 PREFERENCE_USE = {
     "dpo": "DPO pairs: trained on the chosen answers, rejected ones ignored",
     "kto": "KTO rows: trained on those labelled true, false ones dropped (undesirable)",
@@ -83,6 +84,8 @@ def summary_rows(stats: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("unused columns", ", ".join(stats["unused_columns"])))
     if stats.get("empty_answers_masked"):
         rows.append(("empty answers (masked, not trained)", str(stats["empty_answers_masked"])))
+    if stats.get("split_conversations"):
+        rows.append(("conversations trained one sequence per answer", str(stats["split_conversations"])))
     if stats.get("non_text_parts_dropped"):
         rows.append(("non-text content parts dropped", str(stats["non_text_parts_dropped"])))
     rows += [
@@ -126,14 +129,29 @@ def print_report(stats: dict[str, Any], console: Any = None) -> None:
     console.print(table)
     for message in stats.get("first_errors", []):
         console.print(f"  skipped: {message}", style="yellow", markup=False)
+    if stats.get("first_split"):
+        console.print(f"  split, e.g. {stats['first_split']}", markup=False)
     for line in warning_lines(stats):
         console.print(line, style="bold yellow", markup=False, soft_wrap=True)
     console.print(_text_histogram(stats["length_histogram"]))
     example = Text()
     for text, trained in stats["example"]:
-        example.append(text, style="bold black on green" if trained else "dim")
-    console.print("Example (tokens on green carry loss):")
-    console.print(example)
+        example.append(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text, style=_style(trained))
+    console.print(f"Example (tokens carrying loss are between {TRAINED_OPEN} and {TRAINED_CLOSE}, on green):")
+    console.print(example, markup=False, highlight=False)
+
+
+def marked_text(segments: Sequence[Sequence[Any]]) -> str:
+    """The example as plain text with the trained runs between brackets, readable without colour (logs, pipes).
+
+    >>> marked_text([["<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n", False], ["Hello<|im_end|>", True]])
+    '<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n[[Hello<|im_end|>]]'
+    """
+    return "".join(f"{TRAINED_OPEN}{text}{TRAINED_CLOSE}" if trained else text for text, trained in segments)
+
+
+def _style(trained: bool) -> str:
+    return "bold black on green" if trained else "dim"
 
 
 def warning_lines(stats: dict[str, Any]) -> list[str]:

@@ -31,8 +31,13 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +148,9 @@ assert set(TEMPLATE_NAMES) == {"chatml", *NAMED_TEMPLATES}
 CHATML_TEMPLATE = chatml_template()
 
 
-def configure_tokenizer(tokenizer: Any, template: str | None) -> str:
-    """Set the chat template (a name, a Jinja file, or check the tokenizer's own) and a pad token distinct from EOS.
+def configure_tokenizer(tokenizer: Any, template: str | None, pad_token: str | None = None) -> str:
+    """Set the chat template (a name, a Jinja file, or check the tokenizer's own) and a pad token distinct from EOS
+    and the end-of-turn tokens (`pad_token` when given, see `set_distinct_pad_token`).
 
     Returns what is in use: the name, the file's path, or 'tokenizer' for the tokenizer's own.
     """
@@ -159,7 +165,7 @@ def configure_tokenizer(tokenizer: Any, template: str | None) -> str:
             f"{', '.join(TEMPLATE_NAMES)} or the path of a Jinja file, or use data.format=text for plain "
             "completion data."
         )
-    set_distinct_pad_token(tokenizer)
+    set_distinct_pad_token(tokenizer, pad_token)
     return template or "tokenizer"
 
 
@@ -221,23 +227,62 @@ def _apply_named(tokenizer: Any, name: str) -> None:
         raise DataError(f"The tokenizer has no EOS token, which the '{name}' template needs to end answers.")
 
 
-def set_distinct_pad_token(tokenizer: Any) -> None:
-    """Padding must not be EOS: collators mask pad positions, which would also mask the EOS the model must learn."""
-    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    vocab = tokenizer.get_vocab()
-    candidates = [
+# Tokens families reserve for padding or leave unused, tried before any other unused special token.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|fim_pad|>", "<pad>", "[PAD]", "<|pad|>", "<|dummy_0|>")
+
+
+def set_distinct_pad_token(tokenizer: Any, pad_token: str | None = None) -> str:
+    """Pad with a token that is neither EOS nor an end-of-turn token, and say which and why.
+
+    Collators mask pad positions, which would also mask the EOS the model must learn. `pad_token`
+    (data.pad_token) is used when given; else the tokenizer's pad when distinct, else a family's pad token,
+    else a special token the template never writes (Phi-4-mini, DeepSeek-R1-Distill and Qwen2.5 base
+    tokenizers pad with EOS but carry unused ones), else unk.
+
+    >>> from llmtune.demo import make_demo_rows, build_demo_tokenizer
+    >>> tok = build_demo_tokenizer(make_demo_rows(5))
+    >>> tok.pad_token = tok.eos_token
+    >>> set_distinct_pad_token(tok)
+    "<pad> (the tokenizer's pad was EOS)"
+    """
+    ending = {*end_of_turn_tokens(tokenizer), tokenizer.eos_token}
+    if pad_token:
+        return _use_configured_pad(tokenizer, pad_token, ending)
+    if tokenizer.pad_token is not None and tokenizer.pad_token not in ending:
+        return f"{tokenizer.pad_token} (the tokenizer's)"
+    why = "the tokenizer's pad was EOS" if tokenizer.pad_token else "the tokenizer has none"
+    vocab, source = tokenizer.get_vocab(), _template_source(tokenizer) + _probe_renderings(tokenizer)
+    reserved = [t for t in PAD_CANDIDATES if t in vocab and t not in ending]
+    unused = [
         t
-        for t in ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<pad>", "[PAD]", tokenizer.unk_token)
-        if t and t in vocab and t != tokenizer.eos_token
+        for t in sorted(_special_tokens(tokenizer), key=vocab.get)
+        if t not in source and t not in ending and t not in (tokenizer.bos_token, tokenizer.unk_token)
     ]
-    if candidates:
-        tokenizer.pad_token = candidates[0]
-    else:
+    fallback = [tokenizer.unk_token] if tokenizer.unk_token and tokenizer.unk_token not in ending else []
+    chosen = next(iter((*reserved, *unused, *fallback)), None)
+    if chosen:
+        tokenizer.pad_token = chosen
+        return f"{chosen} ({why})"
+    raise DataError(
+        f"The tokenizer has no token to pad with other than EOS or an end-of-turn token ({', '.join(sorted(ending))})"
+        "; padding with those would stop the model from learning to end its answers. Set data.pad_token to a token "
+        "of the tokenizer's vocabulary that the data never uses."
+    )
+
+
+def _use_configured_pad(tokenizer: Any, pad_token: str, ending: set[str]) -> str:
+    if pad_token in ending:
         raise DataError(
-            "The tokenizer has no token to pad with other than EOS; padding with EOS would stop the model "
-            "from learning to end its answers. Use a tokenizer with a pad, unk or reserved token."
+            f"data.pad_token '{pad_token}' ends answers (EOS or an end-of-turn token of the chat template): pad "
+            f"positions are masked, so the model would not learn to stop. Choose another token, or null to pick one."
         )
+    if pad_token not in tokenizer.get_vocab():
+        raise DataError(
+            f"data.pad_token '{pad_token}' is not in the tokenizer's vocabulary; use one of its tokens (an unused "
+            f"special token, e.g. {', '.join(PAD_CANDIDATES[:3])}), or null to pick one."
+        )
+    tokenizer.pad_token = pad_token
+    return f"{pad_token} (data.pad_token)"
 
 
 # End-of-turn tokens of the families we know, counted when the template writes them literally even where the
@@ -313,6 +358,18 @@ def _special_run(text: str, special: list[str]) -> list[str]:
     return run
 
 
+def _probe_renderings(tokenizer: Any) -> str:
+    """The probe conversations as the template renders them (with a system turn): tokens a template builds from
+    parts, like '<|' + role + '|>', show here and not in its source."""
+    texts = []
+    for probe in (*_PROBES, [{"role": "system", "content": "S"}, *_PROBES[0]]):
+        try:
+            texts.append(str(tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)))
+        except Exception:  # a template may refuse a probe (no system role); the others still count
+            continue
+    return "".join(texts)
+
+
 def _template_source(tokenizer: Any) -> str:
     template = tokenizer.chat_template
     if isinstance(template, dict):
@@ -349,3 +406,71 @@ def check_renders_tools(tokenizer: Any, template_name: str, examples: Sequence[E
             f"would be left out of training. Use a model whose chat template renders tools and tool calls "
             f"(e.g. Qwen2.5, Llama-3.1 or Hermes-style templates), or remove the tool columns and turns."
         )
+
+
+_TEMPLATE_VARIABLES: ContextVar[dict[str, Any] | None] = ContextVar("template_variables", default=None)
+
+
+@contextmanager
+def template_date(day: str | None) -> Iterator[None]:
+    """Render chat templates with `day` (YYYY-MM-DD, data.template_date) as today; None leaves the real date.
+
+    Templates print today through transformers' `strftime_now` (Llama-3.2) or a `date_string` variable
+    (Llama-3.1); both are template variables, so `render` passes them (`template_variables`).
+
+    >>> with template_date("2026-01-15"):
+    ...     template_variables()["strftime_now"]("%d %b %Y"), template_variables()["date_string"]
+    ('15 Jan 2026', '15 Jan 2026')
+    >>> template_variables()
+    {}
+    """
+    if day is None:
+        yield
+        return
+    fixed = date.fromisoformat(day)
+    token = _TEMPLATE_VARIABLES.set({"strftime_now": fixed.strftime, "date_string": fixed.strftime("%d %b %Y")})
+    try:
+        yield
+    finally:
+        _TEMPLATE_VARIABLES.reset(token)
+
+
+def template_variables() -> dict[str, Any]:
+    """Extra variables for `apply_chat_template` in the current `template_date` context."""
+    return dict(_TEMPLATE_VARIABLES.get() or {})
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of how the tokenizer renders and tokenizes chats: its chat template's source and renderings
+    of probe conversations, its special tokens and vocabulary size. The prepare step's cache key includes it, so
+    an edited chat_template.jinja (or a new upstream revision) prepares the data again.
+
+    >>> from llmtune.demo import make_demo_rows, build_demo_tokenizer
+    >>> tok = build_demo_tokenizer(make_demo_rows(5))
+    >>> before = tokenizer_fingerprint(tok)
+    >>> tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    >>> before != tokenizer_fingerprint(tok), len(before)
+    (True, 16)
+    """
+    digest = hashlib.sha256(_template_source(tokenizer).encode())
+    for probe in _PROBES:
+        try:
+            digest.update(str(tokenizer.apply_chat_template(probe, tokenize=False)).encode())
+        except Exception:  # no template, or one that refuses the probe: its source is in the hash already
+            digest.update(b"-")
+    special = {"special": _special_tokens(tokenizer), "map": tokenizer.special_tokens_map, "size": len(tokenizer)}
+    digest.update(json.dumps(special, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_cache_key(name: str, revision: str | None, trust_remote_code: bool = False) -> str:
+    """`tokenizer_fingerprint` of the model's tokenizer at `revision` (model.revision), with the revision; for
+    pipelines to key the prepare step's cache on. A tokenizer that cannot be loaded here keys on the name and
+    revision alone (the step reports the problem when it loads it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception:
+        return f"{name}@{revision or 'default'}"
+    return f"{revision or 'default'}:{tokenizer_fingerprint(tokenizer)}"

@@ -2,7 +2,10 @@
 
 The base is the tuned model with its adapter switched off, so both see the same 4-bit weights,
 the same template (from the prepared data's tokenizer) and the same masking. Answers are greedy,
-batched with left padding and the KV cache, prompts sorted by length so a batch pads little. The
+batched with left padding and the KV cache, prompts sorted by length so a batch pads little, and stop at
+every end-of-turn token of the template (`llmtune.data.templates.end_of_turn_ids`: Gemma's <end_of_turn>
+ends an answer, not only EOS). With `evaluation.score_final_answer` a reasoning block (<think>...</think>)
+is scored apart: the metrics see the final answer, the samples table keeps the reasoning. The
 metrics chosen in `evaluation.metrics` (see `llmtune.evaluate.metrics`) score each answer; exact match is
 always reported. The result is an `EvalReport`: a dict of metrics plus `samples`, one row per
 generation prompt (prompt, reference, base and tuned answer, per-sample scores).
@@ -25,9 +28,11 @@ from typing import Any
 
 from llmtune.artifacts import EvalReport
 from llmtune.config import EvaluationConfig
+from llmtune.data.templates import end_of_turn_ids
 from llmtune.evaluate import metrics as metric_lib
 
 SAMPLE_TEXT_COLUMNS = ("prompt", "reference", "base", "tuned")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the reasoning block of Qwen3, DeepSeek-R1 and QwQ
 
 
 def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> float:
@@ -64,7 +69,8 @@ def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int, device: A
 def generate_answers(
     model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, use_cache: bool = True
 ) -> list[str]:
-    """Greedy answers in the order of `prompts`: batched with left padding and the KV cache, stopping at EOS."""
+    """Greedy answers in the order of `prompts`: batched with left padding and the KV cache, each stopping at the
+    first end-of-turn token of the template (or EOS)."""
     tokenizer.padding_side = "left"  # new tokens then start at the same column for every row of a batch
     order = length_order(tokenizer, prompts)
     answers: dict[int, str] = {}
@@ -91,7 +97,7 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_toke
             max_new_tokens=max_new_tokens,
             do_sample=False,
             use_cache=use_cache,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=end_of_turn_ids(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
         )
     new_tokens = out[:, batch["input_ids"].shape[1] :]
@@ -123,16 +129,35 @@ def compare(
         report.update({f"{name}_{k}": v for k, v in scores.items()})
     report["eval_rows"], report["generation_prompts"] = len(rows), len(prompts)
     report["metrics"] = chosen
-    report["samples"] = build_samples(texts, references, outputs["base"], outputs["tuned"], chosen)
+    final = {name: [scored_answer(a, cfg) for a in answers] for name, answers in outputs.items()}
+    report["samples"] = build_samples(texts, references, final["base"], final["tuned"], chosen)
     if champion_adapter:
         with _other_adapter(model, champion_adapter, "champion"):
-            scores, answers = score(model, tokenizer, rows, texts, references, cfg)
+            scores, outputs["champion"] = score(model, tokenizer, rows, texts, references, cfg)
         report.update({f"champion_{k}": v for k, v in scores.items()})
         report["samples"] = [
-            {**{k: row[k] for k in SAMPLE_TEXT_COLUMNS}, "champion": answer, **row}
-            for row, answer in zip(report["samples"], answers, strict=True)
+            {**{k: row[k] for k in SAMPLE_TEXT_COLUMNS}, "champion": scored_answer(answer, cfg), **row}
+            for row, answer in zip(report["samples"], outputs["champion"], strict=True)
         ]
+    report["samples"] = with_reasoning(report["samples"], outputs, cfg)
     return report
+
+
+def with_reasoning(
+    samples: list[dict[str, Any]], outputs: dict[str, list[str]], cfg: EvaluationConfig
+) -> list[dict[str, Any]]:
+    """The samples with `<name>_reasoning` columns when final answers were scored and some output reasoned.
+
+    >>> cfg = EvaluationConfig()
+    >>> with_reasoning([{"tuned": "four"}], {"tuned": ["<think>f-o-u-r</think>four"]}, cfg)
+    [{'tuned': 'four', 'tuned_reasoning': 'f-o-u-r'}]
+    """
+    if not cfg.score_final_answer or not any(THINK_CLOSE in a for answers in outputs.values() for a in answers):
+        return samples
+    return [
+        {**row, **{f"{name}_reasoning": split_reasoning(answers[i])[0] for name, answers in outputs.items()}}
+        for i, row in enumerate(samples)
+    ]
 
 
 def score(
@@ -142,8 +167,36 @@ def score(
     loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
     answers = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size)
     scores = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
-    scores.update(metric_lib.corpus_scores(answers, references, report_metrics(cfg)))
+    scored = [scored_answer(answer, cfg) for answer in answers]
+    scores.update(metric_lib.corpus_scores(scored, references, report_metrics(cfg)))
     return scores, answers
+
+
+def split_reasoning(answer: str) -> tuple[str, str]:
+    """(reasoning, final answer) of a generation that opens with a <think> block; ('', answer) without one.
+
+    A generation that only closes one (the prompt opened it, as DeepSeek-R1's template does) splits at the
+    closing tag.
+
+    >>> split_reasoning("<think>\\n\\n</think>\\n\\nfour")
+    ('', 'four')
+    >>> split_reasoning("4 is f-o-u-r</think> four")
+    ('4 is f-o-u-r', 'four')
+    >>> split_reasoning("four")
+    ('', 'four')
+    """
+    opened = answer.lstrip()
+    if opened.startswith(THINK_OPEN):
+        opened = opened[len(THINK_OPEN) :]
+    elif THINK_CLOSE not in answer:
+        return "", answer.strip()
+    reasoning, closed, final = opened.partition(THINK_CLOSE)
+    return (reasoning.strip(), final.strip()) if closed else (reasoning.strip(), "")
+
+
+def scored_answer(answer: str, cfg: EvaluationConfig) -> str:
+    """What the metrics compare with the reference: the final answer with `score_final_answer`, else all of it."""
+    return split_reasoning(answer)[1] if cfg.score_final_answer else answer
 
 
 def report_metrics(cfg: EvaluationConfig) -> list[str]:

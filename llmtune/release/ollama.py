@@ -162,8 +162,11 @@ def _reproduces(fmt: TurnFormat, tokenizer: Any) -> bool:
 
 
 def stop_tokens(tokenizer: Any, fmt: TurnFormat | None) -> list[str]:
-    """The end-of-turn token (the training EOS) and the start of a user turn, where a runtime must stop."""
-    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    """Every end-of-turn token of the template (the training EOS among them) and the start of a user turn,
+    where a runtime must stop."""
+    from llmtune.data.templates import end_of_turn_tokens
+
+    stops = end_of_turn_tokens(tokenizer)
     if fmt is not None and fmt.prefix["user"].strip():
         stops.append(fmt.prefix["user"].strip())
     return list(dict.fromkeys(stops))
