@@ -58,6 +58,9 @@ class DataParallelError(LlmtuneError):
 class TrainJob:
     """Everything a worker process needs: paths, the typed training section, and the sequence length.
 
+    The trained adapter is saved by `lora_variants.save_trained`: one trained from a PiSSA/OLoRA init
+    (`adapter_dir`'s config says so) lands converted to a plain LoRA on the base.
+
     `callbacks` are "module:function" names, each called with no arguments in every worker to make one
     more TrainerCallback (the throughput benchmark times steps with one). The adapter lands in `out_dir`
     and the training report in `report_file` (next to it, not inside it).
@@ -73,6 +76,8 @@ class TrainJob:
     out_dir: str
     checkpoint_dir: str | None = None
     callbacks: list[str] = dataclasses.field(default_factory=list)
+    eval_dir: str | None = None  # the prepared eval split, for training.eval_steps
+    backend_note: str = ""  # why `backend` is not the configured one (a LoRA variant Unsloth cannot run), if so
 
     @property
     def report_file(self) -> Path:
@@ -155,19 +160,26 @@ def worker_env() -> dict[str, str]:
 
 
 def train_adapter(
-    job: TrainJob, processes: int = 1, on_loss: Callable[[float, int], None] | None = None
+    job: TrainJob,
+    processes: int = 1,
+    on_loss: Callable[[float, int], None] | None = None,
+    on_eval: Callable[[float, int], None] | None = None,
 ) -> TrainingReport:
     """Train `job`'s adapter in this process (`processes=1`) or data-parallel in `processes` processes.
 
-    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve: as
-    training goes in this process, at the end from rank 0's report when the workers ran elsewhere.
+    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve (and
+    `on_eval(loss, step)` the eval loss curve): as training goes in this process, at the end from rank 0's
+    report when the workers ran elsewhere.
     """
     if processes <= 1:
-        return train_this_rank(job, rank=0, on_loss=on_loss)
+        return train_this_rank(job, rank=0, on_loss=on_loss, on_eval=on_eval)
     report = train_data_parallel(job, processes)
     if on_loss is not None:
         for point in report.loss_history:
             on_loss(point["loss"], int(point["step"]))
+    if on_eval is not None:
+        for point in report.eval_history:
+            on_eval(point["eval_loss"], int(point["step"]))
     return report
 
 
@@ -240,7 +252,12 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
-def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], None] | None = None) -> TrainingReport:
+def train_this_rank(
+    job: TrainJob,
+    rank: int,
+    on_loss: Callable[[float, int], None] | None = None,
+    on_eval: Callable[[float, int], None] | None = None,
+) -> TrainingReport:
     """Load the 4-bit base + adapter on this process's GPU, train, and on rank 0 save the adapter and report.
 
     A GPU out-of-memory error here becomes `GpuOutOfMemory`, naming the settings to lower.
@@ -248,7 +265,7 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from llmtune.model import resolve_backend
+    from llmtune.model import lora_variants, resolve_backend
     from llmtune.train import memory, sft
 
     use_this_processes_gpu()
@@ -269,15 +286,18 @@ def train_this_rank(job: TrainJob, rank: int, on_loss: Callable[[float, int], No
             callbacks=[make_callback(name) for name in job.callbacks],
             checkpoint_dir=job.checkpoint_dir,
             on_loss=on_loss,
+            eval_dataset=load_from_disk(job.eval_dir) if job.eval_dir and cfg.eval_steps else None,
+            on_eval=on_eval,
         )
     report = TrainingReport(
         **result,
         backend=backend.NAME,
+        backend_note=job.backend_note,
         peak_gpu_memory_gib=round(memory.peak_memory_gib(), 3),  # per GPU: rank 0's
         hardware=memory.describe_hardware(),
     )
     if rank == 0:
-        model.save_pretrained(job.out_dir)
+        lora_variants.save_trained(model, job.out_dir, job.adapter_dir)
         job.report_file.write_text(report.model_dump_json(indent=2))
     return report
 
