@@ -1,8 +1,9 @@
 """Compare the last runs of an MLflow experiment: the params that differ, the key metrics, the loss curves.
 
 Every finetune pipeline run is one MLflow run with dotted params (`training.max_steps`, `lora.r`, ...), a
-`train_loss` curve and `base_*`/`tuned_*` eval metrics. This module reads them back through `MlflowClient`
-and needs no ZenML: `fetch_runs` -> `comparison` (a JSON-able dict) -> `render_table` and `plot_loss_curves`.
+`train_loss` curve (and an `eval_loss` curve with `training.eval_steps`) and `base_*`/`tuned_*` eval metrics.
+This module reads them back through `MlflowClient` and needs no ZenML: `fetch_runs` -> `comparison` (a JSON-able
+dict) -> `render_table` and `plot_loss_curves`.
 
 Example (the pure part):
     >>> runs = [
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ from rich.table import Table
 from llmtune.errors import LlmtuneError
 
 LOSS_CURVE = "train_loss"
+EVAL_CURVE = "eval_loss"  # the held-out loss computed during training (training.eval_steps)
 FINAL_LOSS = "final_train_loss"
+BEST_EVAL_LOSS = "best_eval_loss"  # the lowest eval_loss during training
 VERDICT_TAG = "llmtune.verdict"
 MAX_PARAM_WIDTH = 40  # long values (a judge prompt, a path) would make one column swallow the table
 
@@ -54,6 +57,7 @@ class RunSummary:
     metrics: dict[str, float]
     tags: dict[str, str]
     loss_curve: list[tuple[int, float]]  # (step, train_loss), by step
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, eval_loss) in training
 
 
 def fetch_runs(tracking_uri: str, experiment: str, last: int = 5, include_failed: bool = False) -> list[RunSummary]:
@@ -76,8 +80,12 @@ def fetch_runs(tracking_uri: str, experiment: str, last: int = 5, include_failed
     return [_summarize(client, run) for run in runs]
 
 
+def _curve(client: Any, run_id: str, name: str) -> list[tuple[int, float]]:
+    history = sorted(client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp))
+    return [(int(m.step), float(m.value)) for m in history]
+
+
 def _summarize(client: Any, run: Any) -> RunSummary:
-    history = sorted(client.get_metric_history(run.info.run_id, LOSS_CURVE), key=lambda m: (m.step, m.timestamp))
     return RunSummary(
         run_id=run.info.run_id,
         name=run.info.run_name or run.info.run_id,
@@ -86,7 +94,8 @@ def _summarize(client: Any, run: Any) -> RunSummary:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         tags=dict(run.data.tags),
-        loss_curve=[(int(m.step), float(m.value)) for m in history],
+        loss_curve=_curve(client, run.info.run_id, LOSS_CURVE),
+        eval_curve=_curve(client, run.info.run_id, EVAL_CURVE),
     )
 
 
@@ -117,7 +126,7 @@ def key_metric_names(names: Iterable[str]) -> list[str]:
     present = set(names)
     scored = {name.split("_", 1)[1] for name in present if name.startswith(("base_", "tuned_"))}
     generation = sorted(scored - {"eval_loss", "perplexity"})
-    candidates = [FINAL_LOSS, "base_eval_loss", "tuned_eval_loss"]
+    candidates = [FINAL_LOSS, BEST_EVAL_LOSS, "base_eval_loss", "tuned_eval_loss"]
     candidates += [f"{side}_{metric}" for metric in generation for side in ("base", "tuned")]
     return [name for name in candidates if name in present]
 
@@ -188,8 +197,9 @@ def _short(value: str | None) -> str:
 
 
 def plot_loss_curves(runs: Sequence[RunSummary], path: str | Path) -> Path | None:
-    """Write a PNG with one train_loss line per run, labelled by run name; None when no run has a curve."""
-    curves = [run for run in runs if run.loss_curve]
+    """Write a PNG with one train_loss line per run, labelled by run name, and the run's eval_loss during
+    training as a dashed line of the same colour; None when no run has a curve."""
+    curves = [run for run in runs if run.loss_curve or run.eval_curve]
     if not curves:
         return None
     import matplotlib
@@ -199,11 +209,18 @@ def plot_loss_curves(runs: Sequence[RunSummary], path: str | Path) -> Path | Non
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run in curves:
-        steps, losses = zip(*run.loss_curve, strict=True)
-        ax.plot(steps, losses, marker=".", label=run.name)
+        color = None
+        if run.loss_curve:
+            steps, losses = zip(*run.loss_curve, strict=True)
+            (line,) = ax.plot(steps, losses, marker=".", label=run.name)
+            color = line.get_color()
+        if run.eval_curve:
+            steps, losses = zip(*run.eval_curve, strict=True)
+            ax.plot(steps, losses, linestyle="--", marker="o", color=color, label=f"{run.name} ({EVAL_CURVE})")
+    with_eval = any(run.eval_curve for run in curves)
     ax.set_xlabel("step")
-    ax.set_ylabel(LOSS_CURVE)
-    ax.set_title(f"{LOSS_CURVE} by step, {len(curves)} run(s)")
+    ax.set_ylabel(f"{LOSS_CURVE}, {EVAL_CURVE} (dashed)" if with_eval else LOSS_CURVE)
+    ax.set_title(f"{LOSS_CURVE}{' and ' + EVAL_CURVE if with_eval else ''} by step, {len(curves)} run(s)")
     ax.legend(fontsize="small")
     fig.tight_layout()
     out = Path(path)

@@ -2,7 +2,7 @@
 
 Reads the MLflow store of the project's stack (the local SQLite store, or a recipe's tracking server), or the
 one given with --tracking-uri. Prints a table of the params that differ and the key metrics, then one JSON line
-with the same data for scripts, and writes a PNG of the train_loss curves.
+with the same data for scripts, and writes a PNG of the train_loss curves (eval_loss dashed, where logged).
 
     python run.py compare                       # last 5 finished runs of 'finetune'
     python run.py compare --last 3 --all-params --plot /tmp/curves.png

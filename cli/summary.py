@@ -46,8 +46,10 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
         console.print(_metrics_table(step_output(run, "evaluate", "eval_report"), production))
     experiment = run.pipeline.name if run.pipeline else EXPERIMENT  # the tracker names experiments after pipelines
     prepared = run.steps.get("prepare_dataset")
+    training = step_output(run, "train_sft", "training_report") if "train_sft" in run.steps else None
     lines = [
         *(report.warning_lines(step_output(run, "prepare_dataset", "output").stats()) if prepared else []),
+        *(_training_lines(training) if training is not None else []),
         *_gate_lines(verdict, export),
         *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
         f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment) or '(none: all cached)'}",
@@ -70,6 +72,14 @@ def print_gate_preview(run_id: Any, gate: Any, champion_version: str | None, con
     (console or Console()).print(
         f"Gate preview (nothing promoted): {verdict.text}", soft_wrap=True, markup=False, highlight=False
     )
+
+
+def _training_lines(training: Any) -> list[str]:
+    """Steps and epochs trained, the eval loss, which adapter was kept, and a backend that stood in, if any."""
+    lines = [f"Training:     {training.length_line()}"]
+    if training.backend_note:
+        lines.append(f"Backend:      {training.backend_note}")
+    return lines
 
 
 def _gate_lines(verdict: dict[str, Any], export: dict[str, Any]) -> list[str]:

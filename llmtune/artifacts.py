@@ -164,8 +164,18 @@ class TrainingReport(BaseModel):
     train_rows: int = 0
     rows_after_packing: int = 0
     epochs: float = 0.0
+    length_by: str = Field("max_steps", description="What set the length: training.max_steps or num_train_epochs.")
+    planned_steps: int = 0
+    eval_history: list[dict[str, float]] = Field(default_factory=list, description="eval_loss by step.")
+    best_eval_loss: float | None = None
+    best_eval_step: int | None = None
+    final_eval_loss: float | None = None
+    stopped_early: bool = False
+    adapter_kept: str = Field("last", description="last = the adapter of the last step; best = of the best eval.")
+    adapter_step: int = 0
     data_parallel_processes: int = 1
     backend: str = ""
+    backend_note: str = Field("", description="Why another backend than the configured one trained, if so.")
     peak_gpu_memory_gib: float = 0.0
     hardware: str = Field("", description="The machine that trained (GPU or CPU, torch version).")
 
@@ -174,5 +184,27 @@ class TrainingReport(BaseModel):
         return self.final_loss < self.first_loss
 
     def summary(self) -> dict[str, Any]:
-        """Everything but the loss curve: step metadata and the model card."""
-        return self.model_dump(exclude={"loss_history"})
+        """Everything but the loss curves: step metadata and the model card."""
+        return self.model_dump(exclude={"loss_history", "eval_history"})
+
+    def length_line(self) -> str:
+        """How long training ran and which adapter it kept, in one line (the run summary prints it).
+
+        >>> TrainingReport(first_loss=2, final_loss=1, train_seconds=3, steps=40, epochs=1.6).length_line()
+        '40 steps = 1.6 epochs (by training.max_steps); adapter of the last step'
+        >>> TrainingReport(first_loss=2, final_loss=1, train_seconds=3, steps=60, epochs=2.4, planned_steps=75,
+        ...     length_by="num_train_epochs", best_eval_loss=0.91, best_eval_step=40, final_eval_loss=0.95,
+        ...     stopped_early=True, adapter_kept="best", adapter_step=40).length_line().split("; ")
+        ['60 steps = 2.4 epochs (by training.num_train_epochs', 'stopped early of 75 planned)', \
+'eval_loss best 0.91 at step 40, last 0.95', 'adapter of the best eval (step 40)']
+        """
+        why = f"by training.{self.length_by}"
+        if self.stopped_early:
+            why += f"; stopped early of {self.planned_steps} planned"
+        parts = [f"{self.steps} steps = {self.epochs:g} epochs ({why})"]
+        if self.best_eval_loss is not None:
+            best, last = f"{self.best_eval_loss:.4g}", f"{self.final_eval_loss:.4g}"
+            parts.append(f"eval_loss best {best} at step {self.best_eval_step}, last {last}")
+        kept = f"the best eval (step {self.adapter_step})" if self.adapter_kept == "best" else "the last step"
+        parts.append(f"adapter of {kept}")
+        return "; ".join(parts)

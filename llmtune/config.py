@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from llmtune.errors import LlmtuneError
 from llmtune.paths import PROJECT_DIR, PathKind, looks_like_hub_id, resolve
@@ -377,22 +377,80 @@ class ModelConfig(_Section):
     )
 
 
+# lora.init choices (PEFT init_lora_weights names that work on a 4-bit base); pissa_niter_N is accepted too.
+LORA_INITS = ("default", "gaussian", "pissa", "olora")
+# Inits that take the starting adapter out of the base weights (the base trains as the residual).
+RESIDUAL_INITS = ("pissa", "olora")
+
+
 class LoraConfig(_Section):
     """The LoRA adapter put on the 4-bit base."""
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r; alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Module names to adapt; all-linear = every linear projection but the LM head."
     )
     seed: int = Field(0, description="Seed for the adapter's initial weights.")
+    use_dora: bool = Field(
+        False,
+        description="DoRA: a trained magnitude per output row on top of the LoRA direction update (PEFT use_dora); "
+        "slower steps, often better at low rank.",
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilized LoRA: scale = alpha / sqrt(r) instead of alpha / r (for high ranks)."
+    )
+    init: str = Field(
+        "default",
+        description="Initial adapter weights (PEFT init_lora_weights): default = random A, zero B; gaussian = "
+        "Gaussian A, zero B; pissa (or pissa_niter_N, a faster randomized SVD) and olora = the top singular / "
+        "QR directions of each weight, taken out of the 4-bit base while training (the exported adapter is "
+        "converted back to a plain LoRA on the original base).",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter, e.g. [lm_head, embed_tokens] (needed "
+        "when new tokens must be learned); tied input/output embeddings stay tied.",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, value: str, info: ValidationInfo) -> str:
+        niter = value.removeprefix("pissa_niter_")
+        if value not in LORA_INITS and not (niter != value and niter.isdigit()):
+            raise ValueError(
+                f"lora.init={value} is not one of {', '.join(LORA_INITS)} or pissa_niter_N (N iterations of a "
+                "randomized SVD). LoftQ is not offered: see the README's Configuration section"
+            )
+        if info.data.get("use_dora") and value.startswith(RESIDUAL_INITS):
+            raise ValueError(
+                f"lora.init={value} moves part of each weight into the adapter, and lora.use_dora=true rescales "
+                "the whole weight; use one of them"
+            )
+        return value
+
+    @property
+    def residual_init(self) -> bool:
+        """Whether the init takes its starting adapter out of the base weights (PiSSA, OLoRA)."""
+        return self.init.startswith(RESIDUAL_INITS)
 
 
 class TrainingConfig(_Section):
     """Supervised fine-tuning with TRL's SFTTrainer."""
 
-    max_steps: int = Field(300, ge=1, description="Optimizer steps to run.")
+    max_steps: int | None = Field(
+        300,
+        ge=1,
+        description="Optimizer steps to run; null when training.num_train_epochs decides (exactly one of the two).",
+    )
+    num_train_epochs: float | None = Field(
+        None,
+        gt=0.0,
+        validate_default=True,
+        description="Passes over the training rows (after packing), instead of max_steps; may be fractional. "
+        "Setting it makes max_steps null unless max_steps is set too, which is an error.",
+    )
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0, description="Peak learning rate.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -424,8 +482,23 @@ class TrainingConfig(_Section):
         "attention (transformers: a dense block-diagonal mask; Unsloth on torch < 2.12: one call per example).",
     )
     logging_steps: int = Field(10, ge=1, description="Log the training loss every N steps (to MLflow too).")
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Compute the loss on the prepared eval split every N steps (MLflow curve eval_loss, next to "
+        "train_loss); null = off.",
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop once eval_loss has not improved for this many evaluations, and keep the adapter of the "
+        "best one (needs eval_steps; a checkpoint is then written at every evaluation); null = off.",
+    )
     save_steps: int = Field(
-        50, ge=0, description="Checkpoint every N steps; a killed or retried run resumes from the last one. 0 = off."
+        50,
+        ge=0,
+        description="Checkpoint every N steps; a killed or retried run resumes from the last one. 0 = off. With "
+        "early_stopping_patience, checkpoints follow eval_steps instead.",
     )
     checkpoint_dir: str | None = Field(
         None,
@@ -452,6 +525,42 @@ class TrainingConfig(_Section):
         description="With parallelism=fsdp: keep the sharded parameters and gradients in CPU memory between "
         "uses (less GPU memory, slower steps).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_the_default_steps(cls, data: Any) -> Any:
+        """num_train_epochs given without max_steps: the length is in epochs, not the default 300 steps."""
+        if isinstance(data, dict) and data.get("num_train_epochs") is not None and "max_steps" not in data:
+            return {**data, "max_steps": None}
+        return data
+
+    @field_validator("num_train_epochs")
+    @classmethod
+    def _one_length(cls, value: float | None, info: ValidationInfo) -> float | None:
+        steps = info.data.get("max_steps", "invalid")
+        if value is not None and steps not in (None, "invalid"):
+            raise ValueError(
+                f"training.max_steps={steps} and training.num_train_epochs={value} are both set; exactly one of "
+                "them decides how long training runs: set the other to null (e.g. --set training.max_steps=null)"
+            )
+        if value is None and steps is None:
+            raise ValueError("set training.max_steps or training.num_train_epochs (both are null)")
+        return value
+
+    @field_validator("early_stopping_patience")
+    @classmethod
+    def _stopping_needs_evaluation(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("eval_steps") is None:
+            raise ValueError(
+                f"training.early_stopping_patience={value} watches the eval loss, which training.eval_steps=null "
+                "never computes; set training.eval_steps too (e.g. 50)"
+            )
+        return value
+
+    @property
+    def keeps_best(self) -> bool:
+        """Whether training ends on the best evaluated adapter (early stopping on) instead of the last one."""
+        return self.early_stopping_patience is not None
 
     @field_validator("checkpoint_dir")
     @classmethod

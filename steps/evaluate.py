@@ -7,7 +7,7 @@ from zenml import step
 from llmtune.artifacts import Adapter, EvalReport, PreparedData, QuantizedBase
 from llmtune.config import EvaluationConfig
 from llmtune.evaluate import judge, scoring
-from llmtune.model import resolve_backend
+from llmtune.model import backend_for
 from steps import tracking
 
 
@@ -27,7 +27,8 @@ def evaluate(
     trained on the same base (re-scored on these rows), else its recorded scores are carried over.
     The champion's version number is not an input here (see `describe`); the gate gets it.
     """
-    model = resolve_backend(backend).load_for_inference(base.path, adapter.path)
+    chosen, note = backend_for(backend, adapter.config(), "evaluate")
+    model = chosen.load_for_inference(base.path, adapter.path)
     tokenizer, prompts, rows = data.tokenizer(), data.eval_prompts(), data.split(PreparedData.EVAL)
     rescore = champion_adapter.path if champion_adapter is not None else None
     report = scoring.compare(model, tokenizer, rows, prompts, cfg, champion_adapter=rescore)
@@ -43,7 +44,12 @@ def evaluate(
         k: float(v) for k, v in report.items() if k.startswith(("base_", "tuned_", "champion_")) and _is_number(v)
     }
     tracking.record(
-        metadata={**scores, "tuned_beats_base": report["tuned_beats_base"]},
+        metadata={
+            **scores,
+            "tuned_beats_base": report["tuned_beats_base"],
+            "backend": chosen.NAME,
+            **({"backend_note": note} if note else {}),
+        },
         params=tracking.section_params("evaluation", cfg),
         metrics=scores,
     )

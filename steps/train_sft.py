@@ -3,7 +3,9 @@
 The trained adapter and the typed training report (loss curve, speed, batching, attention path, the
 backend and machine that trained) are the step's two outputs. A GPU out-of-memory error ends the step
 with the settings to lower (see `llmtune.train.memory.explain_oom`). With `training.num_gpus` > 1 training
-runs data-parallel, one process per GPU (see `llmtune.train.distributed`).
+runs data-parallel, one process per GPU (see `llmtune.train.distributed`). With `training.eval_steps` the
+loss on the prepared eval split goes to MLflow as its own curve, `eval_loss`; with early stopping the adapter
+kept is the best evaluated one (`adapter_kept` in the step metadata).
 """
 
 import hashlib
@@ -19,9 +21,12 @@ from zenml.client import Client
 
 from llmtune.artifacts import Adapter, PreparedData, QuantizedBase, TrainingReport
 from llmtune.config import TrainingConfig
-from llmtune.model import resolve_backend
+from llmtune.model import backend_for
 from llmtune.train import distributed
 from steps import tracking
+
+# The MLflow curve of the eval loss computed during training (training.eval_steps), next to train_loss.
+EVAL_LOSS_CURVE = "eval_loss"
 
 
 @step(experiment_tracker=True)
@@ -33,7 +38,7 @@ def train_sft(
     backend: str,
     max_seq_length: int,
 ) -> tuple[Annotated[Adapter, "output"], Annotated[TrainingReport, "training_report"]]:
-    chosen = resolve_backend(backend)
+    chosen, note = backend_for(backend, initial_adapter.config(), "train")
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     job = distributed.TrainJob(
         backend=chosen.NAME,
@@ -45,11 +50,18 @@ def train_sft(
         max_seq_length=max_seq_length,
         out_dir=out,
         checkpoint_dir=checkpoint_dir(cfg, base.path, initial_adapter.path, data.path, backend, max_seq_length),
+        eval_dir=str(data.eval_dir),
+        backend_note=note,
     )
     processes = distributed.processes_for(cfg.num_gpus, distributed.visible_gpus())
     report = distributed.train_adapter(
-        job, processes, on_loss=tracking.metric_logger("train_loss"), on_metric=tracking.step_metric_logger()
+        job,
+        processes,
+        on_loss=tracking.metric_logger("train_loss"),
+        on_metric=tracking.step_metric_logger(),
+        on_eval=tracking.metric_logger(EVAL_LOSS_CURVE),
     )
+    print(f"Training: {report.length_line()}", flush=True)
     tracking.record(
         metadata=report.summary(),
         params={**tracking.section_params("training", cfg), "training.backend_used": report.backend},
@@ -59,6 +71,7 @@ def train_sft(
             "peak_gpu_memory_gib": report.peak_gpu_memory_gib,
             "train_steps": report.steps,
             "train_epochs": report.epochs,
+            **({"best_eval_loss": report.best_eval_loss} if report.best_eval_loss is not None else {}),
         },
     )
     tracking.log_files([Path(out)], "adapter")

@@ -3,7 +3,7 @@
 Each rank trains the same batch twice from the same 4-bit base and adapter, `STEPS` SGD steps: once whole, once
 with every decoder layer and the model sharded by FSDP2 across the ranks. It writes what it saw to
 `OUT/rank-N.json`, and rank 0 saves the sharded model's gathered adapter to `OUT/adapter` as training does
-(`llmtune.train.sft.save_adapter`: PEFT's save_pretrained with the gathered state).
+(`llmtune.model.lora_variants.save_trained`: PEFT's save_pretrained with the gathered state).
 
 Usage: python -m torch.distributed.run --nproc-per-node 2 -m tests.fsdp_worker BASE ADAPTER OUT
 """
@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from llmtune.model import hf
+from llmtune.model import hf, lora_variants
 from llmtune.train import fsdp
 
 LEARNING_RATE = 0.05
@@ -89,7 +89,7 @@ def main(base: str, adapter: str, out: str) -> None:
     }
     Path(out, f"rank-{rank}.json").write_text(json.dumps(record))
     if rank == 0:
-        sharded.save_pretrained(os.path.join(out, "adapter"), state_dict=gathered)
+        lora_variants.save_trained(sharded, os.path.join(out, "adapter"), adapter, gathered)
     dist.destroy_process_group()
 
 

@@ -41,6 +41,11 @@ def test_file_values_override_defaults_and_set_overrides_file(tmp_path: Path) ->
         ("lora:\n  r: 1\n  alpha: 1000\n", [], "lora.alpha"),
         ("[1, 2]\n", [], "mapping"),
         ("training: {max_steps: [\n", [], "not valid YAML"),
+        ("training:\n  max_steps: 200\n", ["training.num_train_epochs=2"], "training.max_steps=200 and training.num"),
+        ("", ["training.max_steps=null"], "set training.max_steps or training.num_train_epochs"),
+        ("", ["training.early_stopping_patience=3"], "set training.eval_steps too"),
+        ("", ["lora.init=loftq"], "lora.init=loftq is not one of"),
+        ("lora:\n  use_dora: true\n  init: olora\n", [], "lora.use_dora=true"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, overrides: list[str], must_mention: str) -> None:
@@ -48,6 +53,11 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, overrides: lis
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=re.escape(must_mention)):
         load_config(path, overrides)
+
+
+def test_epochs_alone_replace_the_default_steps() -> None:
+    training = load_config(None, ["training.num_train_epochs=1.5"]).training
+    assert (training.max_steps, training.num_train_epochs) == (None, 1.5)
 
 
 def test_missing_config_file_is_named(tmp_path: Path) -> None:

@@ -40,7 +40,11 @@ def statuses(pipeline_run) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("outputs")
-    overrides = [*tiny_run_overrides(tiny_model_dir, rows_file, out), "export.formats=[adapter,merged_16bit,gguf]"]
+    overrides = [
+        *tiny_run_overrides(tiny_model_dir, rows_file, out),
+        "export.formats=[adapter,merged_16bit,gguf]",
+        "training.eval_steps=4",
+    ]
     assert run(overrides, "--no-cache") == 0  # other test modules may have run this config already
     return {"run": last_run(), "overrides": overrides, "out": out}
 
@@ -66,6 +70,8 @@ def test_metrics_params_and_artifacts_are_in_mlflow(first_run: dict) -> None:
     assert [m.step for m in curve] == [2, 4, 6, 8]
     for name in ("learning_rate", "grad_norm"):  # per logging step, like the loss
         assert [m.step for m in client.get_metric_history(run_id, name)] == [2, 4, 6, 8], name
+    assert [m.step for m in client.get_metric_history(run_id, "eval_loss")] == [4, 8], "training.eval_steps=4"
+    assert (metrics := mlflow_run.data.metrics)["train_steps"] == 8 and metrics["train_epochs"] > 0
     metrics = mlflow_run.data.metrics
     assert metrics["tuned_eval_loss"] < metrics["base_eval_loss"]
     assert {"base_exact_match", "tuned_exact_match", "merge_check_max_logit_gap"} <= set(metrics)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import ModuleType
+from typing import Any
 
 from llmtune.errors import LlmtuneError
 
@@ -71,3 +72,27 @@ def resolve_backend(name: str) -> ModuleType:
 
         return unsloth_backend
     raise BackendUnavailable(f"Unknown backend '{name}'; use auto, hf or unsloth.")
+
+
+def backend_for(name: str, adapter: dict[str, Any], stage: str) -> tuple[ModuleType, str]:
+    """The backend for `name` that can run this adapter at `stage` (inject, train, evaluate), and a note when
+    it is not the one `name` resolves to.
+
+    `adapter` holds PEFT adapter_config keys (use_dora, init_lora_weights, modules_to_save, ...). Where
+    Unsloth cannot run a LoRA variant (`unsloth_backend.cannot_run`), the hf backend runs that step; both
+    read and write the same artifacts.
+
+    >>> backend_for("hf", {"init_lora_weights": "pissa"}, "inject")[0].NAME
+    'hf'
+    """
+    chosen = resolve_backend(name)
+    if chosen.NAME != "unsloth":
+        return chosen, ""
+    reason = str(chosen.cannot_run(adapter, stage))
+    if not reason:
+        return chosen, ""
+    from llmtune.model import hf
+
+    note = f"{reason}, so this step used the hf backend (transformers + PEFT) instead of unsloth"
+    print(f"Backend: {note}", flush=True)
+    return hf, note

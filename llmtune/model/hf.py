@@ -18,6 +18,7 @@ from typing import Any
 
 from llmtune.config import LoraConfig, ModelConfig
 from llmtune.errors import LlmtuneError
+from llmtune.model import lora_variants
 
 NAME = "hf"
 # Weights are read from safetensors only: a pickle file (.bin, .pt, ...) can run code when it is loaded.
@@ -97,7 +98,12 @@ def quant_storage_dtype(cfg: ModelConfig) -> Any:
 
 
 def peft_config(cfg: LoraConfig) -> Any:
-    """The PEFT LoRA config for a lora section."""
+    """The PEFT LoRA config for a lora section, its variant options included (`lora_variants.settings`).
+
+    >>> c = peft_config(LoraConfig(use_dora=True, use_rslora=True, init="gaussian", modules_to_save=["lm_head"]))
+    >>> c.use_dora, c.use_rslora, c.init_lora_weights, sorted(c.modules_to_save), c.ensure_weight_tying
+    (True, True, 'gaussian', ['lm_head'], True)
+    """
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -107,6 +113,7 @@ def peft_config(cfg: LoraConfig) -> Any:
         bias="none",
         target_modules=cfg.target_modules,
         task_type="CAUSAL_LM",
+        **lora_variants.settings(cfg),
     )
 
 
@@ -177,16 +184,30 @@ def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict
     from peft import get_peft_model
 
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(load_base(base_dir), peft_config(cfg))
+    base = load_base(base_dir)
+    if cfg.init.startswith("pissa"):
+        # PEFT's PiSSA takes an SVD of float weights and refuses 4-bit ones: it gets the dequantized 4-bit
+        # weights, whose residual the train step then quantizes again (`lora_variants`).
+        base = base.dequantize()
+    model = get_peft_model(base, peft_config(cfg))
     model.save_pretrained(str(out_dir))
     return lora_report(model)
 
 
 def lora_report(model: Any) -> dict[str, Any]:
-    """Trainable vs total parameters and the kinds of module that got an adapter (q_proj, ...)."""
+    """Trainable vs total parameters, the kinds of module that got an adapter (q_proj, ...), the variant options."""
     trainable, total = model.get_nb_trainable_parameters()
-    targets = {name.split(".")[-1] for name in model.peft_config["default"].target_modules}
-    return {"trainable_params": int(trainable), "total_params": int(total), "target_modules": sorted(targets)}
+    config = model.peft_config["default"]
+    targets = {name.split(".")[-1] for name in config.target_modules}
+    return {
+        "trainable_params": int(trainable),
+        "total_params": int(total),
+        "target_modules": sorted(targets),
+        "use_dora": bool(config.use_dora),
+        "use_rslora": bool(config.use_rslora),
+        "init": str(config.init_lora_weights),
+        "modules_to_save": sorted(config.modules_to_save or []),
+    }
 
 
 def load_trainable(
@@ -196,7 +217,7 @@ def load_trainable(
 
     `max_seq_length` is for backends that size buffers ahead (Unsloth); plain transformers needs none.
     """
-    from peft import PeftModel, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     require_adapter_safetensors(adapter_dir)
     # Non-reentrant checkpointing: what DistributedDataParallel supports, and what the Trainer asks for too.
@@ -205,15 +226,13 @@ def load_trainable(
         use_gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    return lora_variants.load_trainable_adapter(base, adapter_dir)
 
 
 def load_for_inference(base_dir: str | Path, adapter_dir: str | Path) -> Any:
     """4-bit base + adapter in eval mode; `with model.disable_adapter():` gives the base alone."""
-    from peft import PeftModel
-
     require_adapter_safetensors(adapter_dir)
-    return PeftModel.from_pretrained(load_base(base_dir), str(adapter_dir)).eval()
+    return lora_variants.load_adapter_for_inference(load_base(base_dir), adapter_dir)
 
 
 def require_adapter_safetensors(adapter_dir: str | Path) -> None:

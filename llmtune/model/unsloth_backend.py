@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtune.config import LoraConfig, ModelConfig
-from llmtune.model import hf
+from llmtune.model import hf, lora_variants
 
 NAME = "unsloth"
 
@@ -49,7 +49,8 @@ def checkpointing_mode(enabled: bool) -> str | bool:
 
 
 def lora_kwargs(cfg: LoraConfig) -> dict[str, Any]:
-    """Arguments of `FastLanguageModel.get_peft_model` for a lora section."""
+    """Arguments of `FastLanguageModel.get_peft_model` for a lora section (its variant options too: Unsloth
+    passes use_dora on to PEFT, and takes use_rslora, init_lora_weights and modules_to_save itself)."""
     targets = ALL_LINEAR if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     return {
         "r": cfg.r,
@@ -58,7 +59,36 @@ def lora_kwargs(cfg: LoraConfig) -> dict[str, Any]:
         "target_modules": targets,
         "bias": "none",
         "random_state": cfg.seed,
+        **lora_variants.settings(cfg),
     }
+
+
+def cannot_run(adapter: dict[str, Any], stage: str) -> str:
+    """Why Unsloth cannot run this adapter (PEFT adapter_config keys) at `stage` (inject, train, evaluate), or "".
+
+    From Unsloth 2026.10's get_peft_model: its PiSSA init needs float weights (`validate_init_lora_weights`),
+    and it trains only lm_head, embed_tokens and norm layers in full. Training a PiSSA adapter is ours on either
+    backend (`lora_variants`), so only its init is refused.
+
+    >>> cannot_run({"init_lora_weights": "pissa"}, "inject")
+    "Unsloth's get_peft_model refuses lora.init=pissa on a 4-bit base (it needs float weights)"
+    >>> cannot_run({"init_lora_weights": "pissa"}, "train"), cannot_run({"modules_to_save": ["lm_head"]}, "train")
+    ('', '')
+    >>> cannot_run({"modules_to_save": ["model.embed_tokens", "score"]}, "evaluate")
+    "Unsloth trains only lm_head, embed_tokens and norm layers in full, not lora.modules_to_save ['score']"
+    """
+    init = str(adapter.get("init_lora_weights", True))
+    if stage == "inject" and init.startswith("pissa"):
+        return f"Unsloth's get_peft_model refuses lora.init={init} on a 4-bit base (it needs float weights)"
+    others = [m for m in adapter.get("modules_to_save") or [] if not _unsloth_trains_in_full(m)]
+    if others:
+        return f"Unsloth trains only lm_head, embed_tokens and norm layers in full, not lora.modules_to_save {others}"
+    return ""
+
+
+def _unsloth_trains_in_full(module: str) -> bool:
+    leaf = module.rsplit(".", 1)[-1]
+    return leaf in ("lm_head", "embed_tokens") or "norm" in leaf
 
 
 def native_max_length(model_dir: str | Path, wanted: int | None = None) -> int:
@@ -113,14 +143,15 @@ def add_lora(base_dir: str | Path, cfg: LoraConfig, out_dir: str | Path) -> dict
 def load_trainable(
     base_dir: str | Path, adapter_dir: str | Path, gradient_checkpointing: bool, max_seq_length: int | None = None
 ) -> Any:
-    """4-bit base + the saved adapter, trainable, with Unsloth's fused LoRA kernels and gradient checkpointing."""
-    from peft import PeftModel
+    """4-bit base + the saved adapter, trainable, with Unsloth's fused LoRA kernels and gradient checkpointing.
 
+    DoRA layers and saved modules keep PEFT's own forward: Unsloth's fused kernels skip them.
+    """
     fast = fast_language_model()
     mode = checkpointing_mode(gradient_checkpointing)
     hf.require_adapter_safetensors(adapter_dir)
     base = _load(base_dir, native_max_length(base_dir, max_seq_length), mode)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    model = lora_variants.load_trainable_adapter(base, adapter_dir)  # a PiSSA/OLoRA base becomes its residual
     return fast.patch_peft_model(model, use_gradient_checkpointing=mode)
 
 
@@ -130,9 +161,7 @@ def load_for_inference(base_dir: str | Path, adapter_dir: str | Path) -> Any:
     Its kernels read each LoRA layer's adapters-disabled flag, so `with model.disable_adapter():` still
     gives the base alone: base and tuned are scored by the same model, as with the hf backend.
     """
-    from peft import PeftModel
-
     hf.require_adapter_safetensors(adapter_dir)
     base = _load(base_dir, native_max_length(base_dir), False)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    model = lora_variants.load_adapter_for_inference(base, adapter_dir)
     return fast_language_model().for_inference(model)

@@ -58,6 +58,9 @@ class DataParallelError(LlmtuneError):
 class TrainJob:
     """Everything a worker process needs: paths, the typed training section, and the sequence length.
 
+    The trained adapter is saved by `lora_variants.save_trained`: one trained from a PiSSA/OLoRA init
+    (`adapter_dir`'s config says so) lands converted to a plain LoRA on the base.
+
     `callbacks` are "module:function" names, each called with no arguments in every worker to make one
     more TrainerCallback (the throughput benchmark times steps with one). The adapter lands in `out_dir`
     and the training report in `report_file` (next to it, not inside it).
@@ -73,6 +76,8 @@ class TrainJob:
     out_dir: str
     checkpoint_dir: str | None = None
     callbacks: list[str] = dataclasses.field(default_factory=list)
+    eval_dir: str | None = None  # the prepared eval split, for training.eval_steps
+    backend_note: str = ""  # why `backend` is not the configured one (a LoRA variant Unsloth cannot run), if so
 
     @property
     def report_file(self) -> Path:
@@ -159,16 +164,17 @@ def train_adapter(
     processes: int = 1,
     on_loss: Callable[[float, int], None] | None = None,
     on_metric: Callable[[str, float, int], None] | None = None,
+    on_eval: Callable[[float, int], None] | None = None,
 ) -> TrainingReport:
     """Train `job`'s adapter in this process (`processes=1`) or data-parallel in `processes` processes.
 
-    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve and
-    `on_metric(name, value, step)` the learning-rate and grad-norm curves: as training goes in this process,
-    at the end from rank 0's report when the workers ran elsewhere.
+    Either way the trained adapter lands in `job.out_dir`. `on_loss(loss, step)` gets the loss curve,
+    `on_metric(name, value, step)` the learning-rate and grad-norm curves and `on_eval(loss, step)` the eval
+    loss curve: as training goes in this process, at the end from rank 0's report when the workers ran elsewhere.
     """
     job = for_parallelism(job, processes)
     if processes <= 1:
-        return train_this_rank(job, rank=0, on_loss=on_loss, on_metric=on_metric)
+        return train_this_rank(job, rank=0, on_loss=on_loss, on_metric=on_metric, on_eval=on_eval)
     report = train_data_parallel(job, processes)
     for point in report.loss_history:
         step = int(point["step"])
@@ -177,6 +183,9 @@ def train_adapter(
         for name, value in point.items():
             if on_metric is not None and name not in ("step", "loss"):
                 on_metric(name, value, step)
+    if on_eval is not None:
+        for point in report.eval_history:
+            on_eval(point["eval_loss"], int(point["step"]))
     return report
 
 
@@ -192,7 +201,8 @@ def for_parallelism(job: TrainJob, processes: int) -> TrainJob:
     backend, why = fsdp.training_backend(job.backend, job.training)
     if why:
         print(why, flush=True)
-    return dataclasses.replace(job, backend=backend)
+        return dataclasses.replace(job, backend=backend, backend_note=why)
+    return job
 
 
 def train_data_parallel(job: TrainJob, processes: int) -> TrainingReport:
@@ -269,6 +279,7 @@ def train_this_rank(
     rank: int,
     on_loss: Callable[[float, int], None] | None = None,
     on_metric: Callable[[str, float, int], None] | None = None,
+    on_eval: Callable[[float, int], None] | None = None,
 ) -> TrainingReport:
     """Load the 4-bit base + adapter on this process's GPU, train, and on rank 0 save the adapter and report.
 
@@ -277,7 +288,7 @@ def train_this_rank(
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    from llmtune.model import resolve_backend
+    from llmtune.model import lora_variants, resolve_backend
     from llmtune.train import fsdp, memory, sft
 
     use_this_processes_gpu()
@@ -299,17 +310,27 @@ def train_this_rank(
             checkpoint_dir=job.checkpoint_dir,
             on_loss=on_loss,
             on_metric=on_metric,
-            save_adapter_to=job.out_dir,
+            eval_dataset=load_from_disk(job.eval_dir) if job.eval_dir and cfg.eval_steps else None,
+            on_eval=on_eval,
         )
     report = TrainingReport(
         **result,
         backend=backend.NAME,
+        backend_note=job.backend_note,
         peak_gpu_memory_gib=round(memory.peak_memory_gib(), 3),  # per GPU: rank 0's
         hardware=memory.describe_hardware(),
     )
+    # Under FSDP every rank holds a shard of the adapter: all of them take part in gathering it for rank 0.
+    state = fsdp.full_adapter_state(model) if fsdp.enabled(cfg) and world_size() > 1 else None
     if rank == 0:
+        lora_variants.save_trained(model, job.out_dir, job.adapter_dir, state)
         job.report_file.write_text(report.model_dump_json(indent=2))
     return report
+
+
+def world_size() -> int:
+    """Processes training together: the launch's WORLD_SIZE, 1 in the step's own process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def use_this_processes_gpu() -> None:

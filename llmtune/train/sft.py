@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from llmtune.config import TrainingConfig
@@ -63,7 +63,14 @@ def resolve_batching(cfg: TrainingConfig, lengths: Sequence[int]) -> TrainingCon
 def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, checkpoints: bool = False) -> SFTConfig:
     """TRL's SFTConfig for a training section. Reporting is ours (see `LossHistory`), not the Trainer's.
 
-    With `checkpoints`, the Trainer saves every `save_steps` into `output_dir` (the last two kept).
+    With `checkpoints`, the Trainer saves every `save_steps` into `output_dir` (the last two kept). With
+    `eval_steps` it computes the eval loss every `eval_steps`; with early stopping it also saves a checkpoint
+    at every evaluation (into `output_dir` even without `checkpoints`), keeps the best one from rotation and
+    loads it back at the end.
+
+    >>> args = sft_config(TrainingConfig(num_train_epochs=2, eval_steps=5, early_stopping_patience=2), "/tmp/x", 64)
+    >>> args.max_steps, args.num_train_epochs, args.eval_steps, args.save_steps, args.load_best_model_at_end
+    (-1, 2.0, 5, 5, True)
     """
     import torch
 
@@ -72,9 +79,12 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
     padding_free: dict[str, Any] = {} if cfg.padding_free is None else {"padding_free": cfg.padding_free}
     return SFTConfig(
         output_dir=str(output_dir),
-        max_steps=cfg.max_steps,
+        # -1: the Trainer counts the steps of num_train_epochs passes (config validation lets only one be set)
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        num_train_epochs=cfg.num_train_epochs if cfg.num_train_epochs is not None else 1.0,
         learning_rate=cfg.learning_rate,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -103,15 +113,33 @@ def sft_config(cfg: TrainingConfig, output_dir: str | Path, max_length: int, che
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
         report_to="none",
-        save_strategy="steps" if checkpoints and cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500,
-        save_total_limit=2,
-        eval_strategy="no",
+        **_saving_and_evaluation(cfg, checkpoints),
         dataloader_num_workers=0,
         disable_tqdm=False,
         dataset_num_proc=None,
         **fsdp.trainer_arguments(cfg),
     )
+
+
+def _saving_and_evaluation(cfg: TrainingConfig, checkpoints: bool) -> dict[str, Any]:
+    """When the Trainer evaluates and saves. Keeping the best adapter needs a checkpoint at every evaluation
+    (the Trainer's load_best_model_at_end), whatever save_steps says; the best one is kept from rotation."""
+    evaluation: dict[str, Any] = {"eval_strategy": "no"}
+    if cfg.eval_steps:
+        # Loss only: without it the Trainer would gather every eval batch's logits (rows x length x vocab).
+        evaluation = {"eval_strategy": "steps", "eval_steps": cfg.eval_steps, "prediction_loss_only": True}
+    if cfg.keeps_best:
+        return {
+            **evaluation,
+            "save_strategy": "steps",
+            "save_steps": cfg.eval_steps,
+            "save_total_limit": 2,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
+    saving = "steps" if checkpoints and cfg.save_steps else "no"
+    return {**evaluation, "save_strategy": saving, "save_steps": cfg.save_steps or 500, "save_total_limit": 2}
 
 
 def pad_multiple(cfg: TrainingConfig, max_length: int) -> int:
@@ -152,18 +180,23 @@ STEP_CURVES = ("learning_rate", "grad_norm")
 
 class LossHistory(TrainerCallback):
     """Keeps every logged training loss (with the learning rate and grad norm of that step) and hands each loss to
-    `on_log(loss, step)` and each of `STEP_CURVES` to `on_metric(name, value, step)` (the step logs them to MLflow)."""
+    `on_log(loss, step)`, each of `STEP_CURVES` to `on_metric(name, value, step)` (the step logs them to MLflow),
+    and eval losses to `on_eval(loss, step)`."""
 
     def __init__(
         self,
         on_log: Callable[[float, int], None] | None = None,
         on_metric: Callable[[str, float, int], None] | None = None,
+        on_eval: Callable[[float, int], None] | None = None,
     ) -> None:
         self.points: list[dict[str, float]] = []
         self.forward_to = on_log
         self.forward_metric = on_metric
+        self.forward_eval_to = on_eval
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "eval_loss" in logs and self.forward_eval_to is not None:
+            self.forward_eval_to(float(logs["eval_loss"]), state.global_step)
         if not logs or "loss" not in logs:
             return
         loss = float(logs["loss"])
@@ -300,7 +333,8 @@ def train(
     checkpoint_dir: str | Path | None = None,
     on_loss: Callable[[float, int], None] | None = None,
     on_metric: Callable[[str, float, int], None] | None = None,
-    save_adapter_to: str | Path | None = None,
+    eval_dataset: Any = None,
+    on_eval: Callable[[float, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train the adapter in place on `model` (a trainable PeftModel); return the loss history and speed.
 
@@ -308,22 +342,28 @@ def train(
     gets every logged loss as it comes (the train step logs it to MLflow). With a
     `checkpoint_dir`, checkpoints are saved there every `cfg.save_steps`, and training resumes from
     the last one found there (model, optimizer, scheduler, RNG and data position), so a killed run
-    loses at most one checkpoint interval. With `save_adapter_to`, the first process saves the trained
-    adapter there (under FSDP after every process has helped gather its shards).
+    loses at most one checkpoint interval. With `cfg.eval_steps`, the loss on `eval_dataset` is computed
+    every eval_steps and handed to `on_eval(loss, step)`; with `cfg.early_stopping_patience` training stops
+    when it has not improved for that many evaluations, and `model` ends with the best evaluated adapter.
     """
+    if cfg.eval_steps and eval_dataset is None:
+        raise TrainingError("training.eval_steps is set but there is no eval split to compute the eval loss on.")
     cfg = resolve_batching(cfg, [len(ids) for ids in train_dataset["input_ids"]])
-    history = LossHistory(on_loss, on_metric)
+    history = LossHistory(on_loss, on_metric, on_eval)
     resume_from = last_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    stopping = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
     trainer = _PortableSFTTrainer(
         model=model,
         args=sft_config(cfg, checkpoint_dir or work_dir, max_length, checkpoints=checkpoint_dir is not None),
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset if cfg.eval_steps else None,
         processing_class=tokenizer,
-        callbacks=[history, *(callbacks or [])],
+        callbacks=[history, *stopping, *(callbacks or [])],
     )
     for default in (ProgressCallback, PrinterCallback):  # our progress replaces the bar and the printed dicts
         trainer.remove_callback(default)
     trainer.add_callback(TrainingProgress(_tokens_per_step(trainer)))
+    keep_saved_modules_float32(model)
     # One process trains on one GPU. With several visible and no data-parallel launch, the Trainer would
     # multiply the batch by their number for nn.DataParallel, which it then skips for a 4-bit model.
     trainer.args._n_gpu = min(trainer.args.n_gpu, 1)
@@ -336,12 +376,11 @@ def train(
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
-    if save_adapter_to is not None:
-        save_adapter(trainer, model, cfg, save_adapter_to)
     if not history.points:
-        history.points.append({"step": cfg.max_steps, "loss": float(result.training_loss)})
+        history.points.append({"step": trainer.state.global_step, "loss": float(result.training_loss)})
     tokens = sum(len(ids) for ids in trained_on["input_ids"]) * _epochs_seen(trainer, trained_on)
     return {
+        **length_report(cfg, trainer.state),
         "loss_history": history.points,
         "final_loss": history.points[-1]["loss"],
         "first_loss": history.points[0]["loss"],
@@ -360,13 +399,6 @@ def train(
     }
 
 
-def save_adapter(trainer: Any, model: Any, cfg: TrainingConfig, out_dir: str | Path) -> None:
-    """Rank 0 writes the adapter in PEFT format; a sharded model's adapter is gathered on every rank first."""
-    state = fsdp.full_adapter_state(model) if fsdp.enabled(cfg) and trainer.args.world_size > 1 else None
-    if trainer.args.process_index == 0:
-        model.save_pretrained(str(out_dir), state_dict=state)
-
-
 def _tokens_per_step(trainer: Any) -> float:
     """Tokens one optimizer step trains on, on average over the (prepared, maybe packed) training rows."""
     rows = trainer.train_dataset
@@ -375,21 +407,93 @@ def _tokens_per_step(trainer: Any) -> float:
     return mean_row * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
 
+def keep_saved_modules_float32(model: Any) -> int:
+    """Put the modules trained in full (lora.modules_to_save) back in float32; return how many tensors.
+
+    TRL casts every trainable tensor of a quantized model to bfloat16 (the QLoRA recipe for the LoRA factors),
+    but a whole embedding or LM head kept in bfloat16 loses the small updates it gets, and on the CPU, which
+    trains without autocast, its matmul with float32 activations fails.
+    """
+    import torch
+
+    cast = 0
+    for name, param in model.named_parameters():
+        if param.requires_grad and ".modules_to_save." in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
+def length_report(cfg: TrainingConfig, state: Any) -> dict[str, Any]:
+    """How long training ran and why it ended, and which adapter it ended on, from the Trainer's state.
+
+    The eval history comes from the state's log, which a resumed run restores from its checkpoint, so it
+    holds the evaluations from before a kill too.
+    """
+    evals = [
+        {"step": int(entry["step"]), "eval_loss": float(entry["eval_loss"])}
+        for entry in state.log_history
+        if "eval_loss" in entry
+    ]
+    planned = int(state.max_steps)
+    report: dict[str, Any] = {
+        "length_by": "max_steps" if cfg.max_steps is not None else "num_train_epochs",
+        "planned_steps": planned,
+        "eval_history": evals,
+        "stopped_early": bool(cfg.keeps_best and state.global_step < planned),
+        "adapter_kept": "last",
+        "adapter_step": int(state.global_step),
+    }
+    if evals:
+        best = min(evals, key=lambda e: e["eval_loss"])
+        report.update(
+            best_eval_loss=best["eval_loss"], best_eval_step=best["step"], final_eval_loss=evals[-1]["eval_loss"]
+        )
+    if cfg.keeps_best and state.best_global_step:
+        report.update(adapter_kept="best", adapter_step=int(state.best_global_step))
+    return report
+
+
+def planned_steps(cfg: TrainingConfig, rows: int, processes: int = 1) -> int:
+    """Optimizer steps the training section makes of `rows` batch rows, as the Trainer counts them.
+
+    >>> planned_steps(TrainingConfig(max_steps=7), rows=100)
+    7
+    >>> planned_steps(TrainingConfig(num_train_epochs=1.5, per_device_train_batch_size=8), rows=100)
+    20
+    """
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    assert cfg.num_train_epochs is not None
+    batches = math.ceil(rows / (cfg.per_device_train_batch_size * processes))
+    per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+    return math.ceil(cfg.num_train_epochs * per_epoch)
+
+
 def batching_summary(cfg: TrainingConfig, flattened: bool, examples: int, rows: int, processes: int = 1) -> str:
-    """One line on what a step trains and how many epochs max_steps makes, for the log.
+    """One line on what a step trains and how many epochs max_steps makes (or steps num_train_epochs makes).
 
     >>> cfg = TrainingConfig(max_steps=100, packing=True, per_device_train_batch_size=8)
     >>> print(batching_summary(cfg, True, examples=20000, rows=2000))
     Batching: packed, 20000 examples in 2000 rows (10.0 a row); a step trains 8 rows (~80 examples), so 100 steps
     = 0.4 epochs.
+    >>> cfg = TrainingConfig(num_train_epochs=2, packing=True, per_device_train_batch_size=8)
+    >>> print(batching_summary(cfg, True, examples=20000, rows=2000))
+    Batching: packed, 20000 examples in 2000 rows (10.0 a row); a step trains 8 rows (~80 examples), so 2 epochs
+    = 500 steps.
     """
     rows_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * processes
-    epochs = cfg.max_steps * rows_per_step / max(1, rows)
+    steps = planned_steps(cfg, rows, processes)
     mode = "packed" if cfg.packing else "padding-free (each batch one flattened row)" if flattened else "padded"
     per_row = examples / max(1, rows)
+    length = (
+        f"{steps} steps = {steps * rows_per_step / max(1, rows):.1f} epochs"
+        if cfg.max_steps is not None
+        else f"{cfg.num_train_epochs:g} epochs = {steps} steps"
+    )
     return (
         f"Batching: {mode}, {examples} examples in {rows} rows ({per_row:.1f} a row); a step trains {rows_per_step} "
-        f"rows (~{rows_per_step * per_row:.0f} examples), so {cfg.max_steps} steps = {epochs:.1f} epochs."
+        f"rows (~{rows_per_step * per_row:.0f} examples), so {length}."
     )
 
 
