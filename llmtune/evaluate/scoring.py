@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from llmtune import progress
 from llmtune.artifacts import EvalReport
 from llmtune.config import EvaluationConfig
 from llmtune.evaluate import metrics as metric_lib
@@ -30,12 +31,15 @@ from llmtune.evaluate import metrics as metric_lib
 SAMPLE_TEXT_COLUMNS = ("prompt", "reference", "base", "tuned")
 
 
-def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> float:
-    """Mean cross-entropy over every labelled token of `dataset` (rows with input_ids and labels)."""
+def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int, desc: str | None = None) -> float:
+    """Mean cross-entropy over every labelled token of `dataset` (rows with input_ids and labels); with `desc`,
+    a progress bar of the rows done."""
     import torch
 
     total, count = 0.0, 0
+    shown = progress.bar(total=len(dataset), desc=desc or "", unit="row", disable=desc is None)
     for start in range(0, len(dataset), batch_size):
+        shown.update(min(batch_size, len(dataset) - start))
         batch = _pad_batch(dataset[start : start + batch_size], pad_token_id, model.device)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -45,6 +49,7 @@ def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> f
         )
         total += losses.item()
         count += int((labels != -100).sum())
+    shown.close()
     return total / max(count, 1)
 
 
@@ -62,16 +67,26 @@ def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int, device: A
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, use_cache: bool = True
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    use_cache: bool = True,
+    desc: str | None = None,
 ) -> list[str]:
-    """Greedy answers in the order of `prompts`: batched with left padding and the KV cache, stopping at EOS."""
+    """Greedy answers in the order of `prompts`: batched with left padding and the KV cache, stopping at EOS;
+    with `desc`, a progress bar of the prompts answered."""
     tokenizer.padding_side = "left"  # new tokens then start at the same column for every row of a batch
     order = length_order(tokenizer, prompts)
     answers: dict[int, str] = {}
+    shown = progress.bar(total=len(prompts), desc=desc or "", unit="prompt", disable=desc is None)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         batch_answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, use_cache)
         answers.update(zip(indices, batch_answers, strict=True))
+        shown.update(len(indices))
+    shown.close()
     return [answers[i] for i in range(len(prompts))]
 
 
@@ -119,14 +134,14 @@ def compare(
     outputs: dict[str, list[str]] = {}
     for name in ("base", "tuned"):
         with _adapter(model, enabled=name == "tuned"):
-            scores, outputs[name] = score(model, tokenizer, rows, texts, references, cfg)
+            scores, outputs[name] = score(model, tokenizer, rows, texts, references, cfg, label=name)
         report.update({f"{name}_{k}": v for k, v in scores.items()})
     report["eval_rows"], report["generation_prompts"] = len(rows), len(prompts)
     report["metrics"] = chosen
     report["samples"] = build_samples(texts, references, outputs["base"], outputs["tuned"], chosen)
     if champion_adapter:
         with _other_adapter(model, champion_adapter, "champion"):
-            scores, answers = score(model, tokenizer, rows, texts, references, cfg)
+            scores, answers = score(model, tokenizer, rows, texts, references, cfg, label="production")
         report.update({f"champion_{k}": v for k, v in scores.items()})
         report["samples"] = [
             {**{k: row[k] for k in SAMPLE_TEXT_COLUMNS}, "champion": answer, **row}
@@ -136,11 +151,21 @@ def compare(
 
 
 def score(
-    model: Any, tokenizer: Any, rows: Any, texts: list[str], references: list[str], cfg: EvaluationConfig
+    model: Any,
+    tokenizer: Any,
+    rows: Any,
+    texts: list[str],
+    references: list[str],
+    cfg: EvaluationConfig,
+    label: str | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Loss, perplexity and the configured generation metrics of `model` as it is now, with its greedy answers."""
-    loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
-    answers = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size)
+    """Loss, perplexity and the configured generation metrics of `model` as it is now, with its greedy answers;
+    with a `label` (base, tuned, production), progress bars of the rows and prompts done."""
+    desc = f"evaluate {label}" if label else None
+    loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size, desc=desc and f"{desc}: loss")
+    answers = generate_answers(
+        model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, desc=desc and f"{desc}: answers"
+    )
     scores = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
     scores.update(metric_lib.corpus_scores(answers, references, report_metrics(cfg)))
     return scores, answers
