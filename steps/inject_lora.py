@@ -1,6 +1,7 @@
 """Step 3: attach a fresh LoRA adapter to the 4-bit base and save the adapter (PEFT format)."""
 
 import tempfile
+from typing import Annotated
 
 from zenml import step
 
@@ -11,7 +12,7 @@ from steps import tracking
 
 
 @step(experiment_tracker=True)
-def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Adapter:
+def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Annotated[Adapter, "initial_adapter"]:
     chosen = resolve_backend(backend)
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     report = chosen.add_lora(base.path, cfg, out)

@@ -1,6 +1,7 @@
 """Step 1: read, template, tokenize, mask and split the instruction data; report what was done."""
 
 import tempfile
+from typing import Annotated
 
 from transformers import AutoTokenizer
 from zenml import step
@@ -18,7 +19,7 @@ logger = get_logger(__name__)
 @step(experiment_tracker=True)
 def prepare_dataset(
     cfg: DataConfig, tokenizer_source: str, trust_remote_code: bool = False, source_fingerprint: str = ""
-) -> PreparedData:
+) -> Annotated[PreparedData, "prepared_data"]:
     """`source_fingerprint` (a hash of the local data's bytes) is only here to key the step cache on content."""
     out = tempfile.mkdtemp(prefix="llmtune-data-")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)

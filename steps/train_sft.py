@@ -32,7 +32,7 @@ def train_sft(
     cfg: TrainingConfig,
     backend: str,
     max_seq_length: int,
-) -> tuple[Annotated[Adapter, "output"], Annotated[TrainingReport, "training_report"]]:
+) -> tuple[Annotated[Adapter, "trained_adapter"], Annotated[TrainingReport, "training_report"]]:
     chosen = resolve_backend(backend)
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     job = distributed.TrainJob(
