@@ -17,7 +17,7 @@ from typing import Any
 from zenml import Model
 from zenml.client import Client
 
-from cli.sources import FINETUNE, Champion, find_champion, find_finetune_run, run_artifact_ids, run_config
+from cli.sources import FINETUNE, Champion, find_champion, find_finetune_run, run_artifact_ids, run_config, step_output
 from cli.stack import run_options
 from cli.summary import print_gate_preview, print_summary
 from llmtune.artifacts import Adapter
@@ -71,8 +71,9 @@ def launch_prepare(cfg: RunConfig, enable_cache: bool) -> int:
     from pipelines.prepare import prepare
 
     run = finished(prepare.with_options(enable_cache=enable_cache)(config=cfg.model_dump()))
-    step = Client().get_pipeline_run(run.id).steps["prepare_dataset"]
-    prepared = step.outputs["output"][0].load()
+    finished_run = Client().get_pipeline_run(run.id)
+    step = finished_run.steps["prepare_dataset"]
+    prepared = step_output(finished_run, "prepare_dataset").load()
     report.print_report(prepared.stats())
     print(f"Prepared data: {prepared.path}\nZenML run:     {run.name} (step status: {step.status.value})")
     return 0
@@ -104,9 +105,10 @@ def launch_evaluate(cfg: RunConfig, enable_cache: bool) -> int:
     cfg, source = evaluation_source(cfg)
     what = f"finetune run {source.name}" if source is not None else f"adapter {Path(str(cfg.source.adapter))}"
     print(f"Evaluating {what} (no training).", flush=True)
-    champion = find_champion(cfg)
+    champion, itself = find_champion(cfg), None
     if champion is not None and source is not None and is_champion_run(champion, source):
-        print(f"It is the production version ({champion.version}) itself: nothing to compare it with.")
+        itself = champion.version
+        print(f"It is production version {itself} itself: not compared with production.")
         champion = None
     run = finished(
         evaluate_adapter.with_options(enable_cache=enable_cache, **run_options())(
@@ -116,7 +118,7 @@ def launch_evaluate(cfg: RunConfig, enable_cache: bool) -> int:
         )
     )
     print_summary(run.id, champion_version=champion.version if champion else None)
-    print_gate_preview(run.id, cfg.promotion, champion.version if champion else None)
+    print_gate_preview(run.id, cfg.promotion, champion.version if champion else None, itself=itself)
     return 0
 
 

@@ -175,6 +175,8 @@ def install(pipeline: str, cfg: Any, cron: str, argv: list[str], started_in: Pat
         install_cron_entry(name, cron, cron_command(argv, os.environ, name, started_in))
         print(f"Installed crontab entry '{name}' ({cron}): python run.py {shlex.join(argv)}")
         print(f"  log: outputs/schedules/{name}.log")
+        for warning in cron_warnings():
+            print(f"warning: {warning}")
     print(f"  list: python run.py --list-schedules    remove: python run.py --remove-schedule {name}")
     return 0
 
@@ -192,11 +194,43 @@ def _register_zenml_schedule(pipeline: str, cfg: Any, cron: str, name: str) -> N
     )
 
 
+def cron_daemon_running() -> bool | None:
+    """Whether a cron daemon (cron, crond) runs on this machine; None where that cannot be seen (no /proc)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    for comm in proc.glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in ("cron", "crond"):
+                return True
+        except OSError:  # the process ended while we looked
+            continue
+    return False
+
+
+def cron_warnings() -> list[str]:
+    """What keeps crontab entries from running here: no cron installed, or its daemon not running."""
+    if not shutil.which("crontab"):
+        return [
+            "cron is not installed here (no `crontab` command), so crontab schedules can be neither listed nor "
+            "installed. Install it (Debian/Ubuntu: apt-get install cron), or use a stack whose orchestrator "
+            "schedules runs."
+        ]
+    if cron_daemon_running() is False:
+        return [
+            "the cron daemon is not running, so crontab entries will not run until it starts "
+            "(Debian/Ubuntu: service cron start)."
+        ]
+    return []
+
+
 def list_schedules() -> int:
     """Print the crontab entries this project installed and the ZenML schedules in the store."""
     entries = cron_entries() if shutil.which("crontab") else []
     for entry in entries:
         print(f"{entry.name}  cron  {entry.cron}  {entry.command}")
+    for warning in cron_warnings():
+        print(f"warning: {warning}")
     zenml_schedules = _zenml_schedules()
     for schedule in zenml_schedules:
         print(f"{schedule.name}  zenml  {schedule.cron_expression}  pipeline {schedule.pipeline_id}")

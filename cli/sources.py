@@ -66,10 +66,23 @@ def run_config(run: Any) -> RunConfig:
     return RunConfig.from_stored((run.config.parameters or {})["config"])
 
 
-def step_output(run: Any, step: str, name: str = "output") -> Any:
-    """An output artifact version of a step of `run`; passed to a step, ZenML loads it as that step's input."""
-    outputs = run.steps[step].outputs[name]
-    return outputs[0] if isinstance(outputs, list) else outputs
+# The artifact each single-artifact step produces, by step (the names the dashboard shows).
+STEP_ARTIFACTS = {
+    "prepare_dataset": "prepared_data",
+    "load_base_model": "quantized_base",
+    "inject_lora": "initial_adapter",
+    "train_sft": "trained_adapter",
+}
+LEGACY_OUTPUT = "output"  # what ZenML named them in runs made before they had names
+
+
+def step_output(run: Any, step: str, name: str | None = None) -> Any:
+    """An output artifact version of a step of `run` (by default its `STEP_ARTIFACTS` one, or 'output' in older
+    runs); passed to a step, ZenML loads it as that step's input."""
+    outputs = run.steps[step].outputs
+    wanted = name or STEP_ARTIFACTS[step]
+    found = outputs[wanted] if wanted in outputs or name else outputs[LEGACY_OUTPUT]
+    return found[0] if isinstance(found, list) else found
 
 
 def run_artifact_ids(run: Any) -> dict[str, str]:
@@ -78,15 +91,16 @@ def run_artifact_ids(run: Any) -> dict[str, str]:
     `training_report` is missing for runs made before the training report was an output of its own.
     """
     wanted = {
-        "base": ("load_base_model", "output"),
-        "adapter": ("train_sft", "output"),
-        "data": ("prepare_dataset", "output"),
+        "base": ("load_base_model", None),
+        "adapter": ("train_sft", None),
+        "data": ("prepare_dataset", None),
         "eval_report": ("evaluate", "eval_report"),
         "training_report": ("train_sft", "training_report"),
     }
     ids = {}
     for role, (step, name) in wanted.items():
-        if step in run.steps and name in run.steps[step].outputs:
+        outputs = run.steps[step].outputs if step in run.steps else {}
+        if (name or STEP_ARTIFACTS[step]) in outputs or (name is None and LEGACY_OUTPUT in outputs):
             ids[role] = str(step_output(run, step, name).id)
     return ids
 

@@ -15,7 +15,7 @@ from llmtune.data import report
 EXPERIMENT = "finetune"
 
 
-def step_output(run: Any, step: str, name: str) -> Any:
+def step_output(run: Any, step: str, name: str | None = None) -> Any:
     """Load one named output artifact of a step of a finished run."""
     return sources.step_output(run, step, name).load()
 
@@ -48,7 +48,7 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
     prepared = run.steps.get("prepare_dataset")
     training = step_output(run, "train_sft", "training_report") if "train_sft" in run.steps else None
     lines = [
-        *(report.warning_lines(step_output(run, "prepare_dataset", "output").stats()) if prepared else []),
+        *(report.warning_lines(step_output(run, "prepare_dataset").stats()) if prepared else []),
         *(_training_lines(training) if training is not None else []),
         *_gate_lines(verdict, export),
         *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
@@ -56,21 +56,27 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
         f"  open the UI:  mlflow ui --backend-store-uri {mlflow_tracking_uri()}",
         f"ZenML:        run {run.name}",
         "  dashboard:    zenml login --local   (then open the printed URL)",
+        *_model_version_lines(run),
     ]
     for line in lines:
         console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
-def print_gate_preview(run_id: Any, gate: Any, champion_version: str | None, console: Console | None = None) -> None:
-    """What the promotion gate would decide on an evaluate-only run (nothing is promoted by it)."""
+def print_gate_preview(
+    run_id: Any, gate: Any, champion_version: str | None, console: Console | None = None, itself: str | None = None
+) -> None:
+    """What the promotion gate would decide on an evaluate-only run (nothing is promoted by it); `itself`: the
+    production version number when the evaluated adapter is that version (so it was not compared with itself)."""
     from llmtune.release.promotion import decide
 
     run = Client().get_pipeline_run(run_id)
     if run.status.value != "completed":
         return
-    verdict = decide(step_output(run, "evaluate", "eval_report"), gate, champion_version)
+    text = decide(step_output(run, "evaluate", "eval_report"), gate, champion_version).text
+    if itself is not None:  # there is a production version: this one
+        text = text.replace("; no production version yet.", f"; it is production version {itself} itself.")
     (console or Console()).print(
-        f"Gate preview (nothing promoted): {verdict.text}", soft_wrap=True, markup=False, highlight=False
+        f"Gate preview (nothing promoted): {text}", soft_wrap=True, markup=False, highlight=False
     )
 
 
@@ -80,6 +86,18 @@ def _training_lines(training: Any) -> list[str]:
     if training.backend_note:
         lines.append(f"Backend:      {training.backend_note}")
     return lines
+
+
+def _model_version_lines(run: Any) -> list[str]:
+    """How to see the run's ZenML Model versions and their stages (the open-source dashboard does not show them)."""
+    version = getattr(run, "model_version", None)
+    if version is None:
+        return []
+    model = version.model.name
+    return [
+        f"  model:        {model} version {version.number}; "
+        f"all versions and stages: zenml model version list --model={model}"
+    ]
 
 
 def _gate_lines(verdict: dict[str, Any], export: dict[str, Any]) -> list[str]:

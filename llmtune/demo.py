@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from llmtune import progress
 from llmtune.data.templates import CHATML_TEMPLATE
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -180,6 +181,7 @@ def build_demo_model(
     rows: list[dict[str, str]] | None = None,
     seed: int = 0,
     pretrain_steps: int = 0,
+    show_progress: bool = False,
 ) -> Path:
     """Save a Llama base + tokenizer to `out_dir` (safetensors), reproducible from the seed.
 
@@ -202,7 +204,7 @@ def build_demo_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if pretrain_steps:
-        pretrain(model, tok, make_demo_rows(4000, seed=seed + 1), pretrain_steps)
+        pretrain(model, tok, make_demo_rows(4000, seed=seed + 1), pretrain_steps, show_progress=show_progress)
     out = Path(out_dir)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -215,9 +217,18 @@ def pretraining_text(row: dict[str, str]) -> str:
 
 
 def pretrain(
-    model: Any, tokenizer: Any, rows: list[dict[str, str]], steps: int, batch_size: int = 32, lr: float = 3e-3
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, str]],
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    show_progress: bool = False,
 ) -> list[float]:
-    """Full-parameter next-token training on plain-text rows; returns the loss per step."""
+    """Full-parameter next-token training on plain-text rows; returns the loss per step.
+
+    `show_progress`: a bar with the loss and ETA (tqdm; on a non-terminal it prints a line every few percent).
+    """
     import torch
 
     texts = [pretraining_text(r) + tokenizer.eos_token for r in rows]
@@ -226,6 +237,7 @@ def pretrain(
     generator = torch.Generator().manual_seed(0)
     losses = []
     model.train()
+    shown = progress.bar(total=steps, desc="demo base: pretraining", unit="step", disable=not show_progress)
     for _ in range(steps):
         idx = torch.randint(len(texts), (batch_size,), generator=generator).tolist()
         batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
@@ -236,6 +248,9 @@ def pretrain(
         schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        shown.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        shown.update()
+    shown.close()
     model.eval()
     return losses
 
@@ -245,11 +260,19 @@ DEMO_PRETRAIN_STEPS = 600
 
 
 def ensure_demo_model(path: str | Path) -> Path:
-    """Build the default run's base model at `path` unless it is there (about a minute on 2 CPU cores)."""
+    """Build the default run's base model at `path` unless it is there (once; the bar shows how long it takes)."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        print(f"Building the demo base model in {path} (once; about a minute)...", flush=True)
+        print(
+            f"Building the demo base model in {path} (once): {DEMO_PRETRAIN_STEPS} pretraining steps on this "
+            "machine's CPU; the bar below shows the time left.",
+            flush=True,
+        )
         build_demo_model(
-            path, shape="demo", rows=make_demo_rows(DEMO_DATASET_ROWS, seed=0), pretrain_steps=DEMO_PRETRAIN_STEPS
+            path,
+            shape="demo",
+            rows=make_demo_rows(DEMO_DATASET_ROWS, seed=0),
+            pretrain_steps=DEMO_PRETRAIN_STEPS,
+            show_progress=True,
         )
     return path

@@ -5,6 +5,7 @@ initialised by the hf backend instead; the step's metadata and log say so.
 """
 
 import tempfile
+from typing import Annotated
 
 from zenml import step
 
@@ -15,7 +16,7 @@ from steps import tracking
 
 
 @step(experiment_tracker=True)
-def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Adapter:
+def inject_lora(base: QuantizedBase, cfg: LoraConfig, backend: str) -> Annotated[Adapter, "initial_adapter"]:
     chosen, note = backend_for(backend, lora_variants.settings(cfg), "inject")
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     report = chosen.add_lora(base.path, cfg, out)

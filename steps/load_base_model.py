@@ -1,6 +1,7 @@
 """Step 2: load the base model in 4-bit (NF4, double quant) and save the quantized checkpoint."""
 
 import tempfile
+from typing import Annotated
 
 from zenml import step
 
@@ -11,7 +12,7 @@ from steps import tracking
 
 
 @step(experiment_tracker=True)
-def load_base_model(cfg: ModelConfig) -> QuantizedBase:
+def load_base_model(cfg: ModelConfig) -> Annotated[QuantizedBase, "quantized_base"]:
     backend = resolve_backend(cfg.backend)
     out = tempfile.mkdtemp(prefix="llmtune-base-")
     report = backend.load_quantized(cfg, out)

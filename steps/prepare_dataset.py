@@ -1,6 +1,7 @@
 """Step 1: read, template, tokenize, mask and split the instruction data; report what was done."""
 
 import tempfile
+from typing import Annotated
 
 from transformers import AutoTokenizer
 from zenml import step
@@ -23,7 +24,7 @@ def prepare_dataset(
     source_fingerprint: str = "",
     tokenizer_revision: str | None = None,
     tokenizer_key: str = "",
-) -> PreparedData:
+) -> Annotated[PreparedData, "prepared_data"]:
     """`source_fingerprint` (a hash of the local data's bytes) and `tokenizer_key` (the tokenizer's revision and a
     hash of its chat template's renderings, `templates.tokenizer_cache_key`) are only here to key the step cache
     on content: edited data or an edited chat_template.jinja at the same path prepares again."""

@@ -37,7 +37,7 @@ def train_sft(
     cfg: TrainingConfig,
     backend: str,
     max_seq_length: int,
-) -> tuple[Annotated[Adapter, "output"], Annotated[TrainingReport, "training_report"]]:
+) -> tuple[Annotated[Adapter, "trained_adapter"], Annotated[TrainingReport, "training_report"]]:
     chosen, note = backend_for(backend, initial_adapter.config(), "train")
     out = tempfile.mkdtemp(prefix="llmtune-adapter-")
     job = distributed.TrainJob(

@@ -35,3 +35,11 @@ def test_the_demo_scores_what_the_readme_says(tmp_path: Path) -> None:
         tolerance = LOSS_ATOL if key.endswith("loss") else MATCH_ATOL
         assert report[key] == pytest.approx(pinned, abs=tolerance), (key, {k: report[k] for k in PINNED})
     assert step_output(run, "promotion_gate", "verdict")["gate_passed"] is True
+
+
+def test_building_a_base_shows_pretraining_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmtune.demo import build_demo_model, make_demo_rows
+
+    build_demo_model(tmp_path / "base", shape="tiny", rows=make_demo_rows(50), pretrain_steps=3, show_progress=True)
+    shown = capsys.readouterr().out  # not a terminal here: plain lines on stdout, into the step logs
+    assert "demo base: pretraining" in shown and "3/3" in shown and "loss=" in shown

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
@@ -132,12 +133,20 @@ def test_length_order_puts_the_longest_prompts_first(tiny_tokenizer: Any) -> Non
 
 
 def test_compare_scores_base_and_tuned_and_builds_the_samples_table(
-    tiny_peft: Any, tiny_tokenizer: Any, prepared_dir: Path, eval_prompts: list[dict[str, str]]
+    tiny_peft: Any,
+    tiny_tokenizer: Any,
+    prepared_dir: Path,
+    eval_prompts: list[dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from datasets import load_from_disk
 
     cfg = EvaluationConfig(max_eval_rows=4, num_generation_prompts=5, max_new_tokens=6, batch_size=4)
     report = scoring.compare(tiny_peft, tiny_tokenizer, load_from_disk(str(prepared_dir / "eval")), eval_prompts, cfg)
+    shown = capsys.readouterr().out  # progress of each pass, as the evaluate step's log shows it
+    for name in ("base", "tuned"):
+        assert re.search(rf"evaluate {name}: loss: 100%.* 4/4 ", shown), shown
+        assert re.search(rf"evaluate {name}: answers: 100%.* 5/5 ", shown), shown
     assert isinstance(report, scoring.EvalReport) and report["generation_prompts"] == 5
     for name in ("base", "tuned"):
         assert {f"{name}_{m}" for m in ("eval_loss", "perplexity", *metrics.METRIC_NAMES)} <= set(report)

@@ -132,13 +132,20 @@ def test_merge_check_refuses_a_merge_that_equals_the_base(
 
 
 def test_merge_check_refuses_a_merged_model_of_another_adapter(
-    work: dict, tiny_model_dir: Path, quantized_dir: Path
+    work: dict, tiny_model_dir: Path, quantized_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     wrong = work["root"] / "wrong"
     merge.merge_streaming(tiny_model_dir, work["other_adapter"], wrong, "bfloat16")
     work["tokenizer"].save_pretrained(str(wrong))
     inputs = check.CheckInputs(tiny_model_dir, work["adapter"], None, work["tokenizer"], work["prompts"])
     result = check.check_merge(wrong, inputs, ExportConfig(merge_check_prompts=4))
+    shown = capsys.readouterr().out  # the merge and each pass of the check show their progress
+    from safetensors.torch import load_file
+
+    tensors = len(load_file(tiny_model_dir / "model.safetensors"))  # every base tensor is written, merged or not
+    assert re.search(rf"^merge into bfloat16: 100%.* {tensors}/{tensors} ", shown, re.MULTILINE), shown
+    for part in ("base + adapter", "base alone", "merged"):
+        assert re.search(rf"^merge check: {re.escape(part)}: 100%.* 4/4 ", shown, re.MULTILINE), shown
     assert not result["merge_check_passed"]
     assert result["merge_check_max_logit_gap"] > 0.25 and result["merge_check_greedy_mismatches"] > 0
 

@@ -177,10 +177,39 @@ def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict)
 
 
 def test_failed_run_leaves_cached_artifacts_usable(first_run: dict) -> None:
-    assert run([*first_run["overrides"], "training.optim=no_such_optimizer"]) == 1
+    # a real optimizer (so preflight lets it through) whose package is not installed: train_sft fails
+    assert run([*first_run["overrides"], "training.optim=galore_adamw"]) == 1
     failed = last_run()
     assert failed.status.value == "failed" and statuses(failed)["train_sft"] == "failed"
     assert run([*first_run["overrides"], "training.max_steps=4"]) == 0
     got = statuses(last_run())
     assert [got[s] for s in ("prepare_dataset", "load_base_model", "inject_lora")] == ["cached"] * 3
     assert got["merge_and_push"] == "completed"
+
+
+def test_every_artifact_is_named_for_what_it_is(first_run: dict) -> None:
+    """The dashboard labels each artifact node with these names (not 'output')."""
+    names = {step: set(first_run["run"].steps[step].outputs) for step in STEPS}
+    assert names == {
+        "prepare_dataset": {"prepared_data"},
+        "load_base_model": {"quantized_base"},
+        "inject_lora": {"initial_adapter"},
+        "train_sft": {"trained_adapter", "training_report"},
+        "evaluate": {"eval_report"},
+        "promotion_gate": {"verdict"},
+        "merge_and_push": {"export_report", "merged_model"},
+    }
+
+
+def test_summary_says_how_to_list_model_versions_and_stages(first_run: dict) -> None:
+    import io
+
+    from rich.console import Console
+
+    from cli.summary import print_summary
+
+    out = io.StringIO()
+    print_summary(first_run["run"].id, console=Console(file=out, width=200))
+    version = first_run["run"].model_version
+    assert f"model:        {version.model.name} version {version.number}; all versions and stages: " in out.getvalue()
+    assert f"zenml model version list --model={version.model.name}" in out.getvalue()

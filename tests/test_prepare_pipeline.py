@@ -28,7 +28,7 @@ def test_prepare_pipeline_prints_report_and_logs_it(
 
     run = Client().list_pipeline_runs(sort_by="desc:created", size=1).items[0]
     assert run.pipeline is not None and run.pipeline.name == "prepare" and list(run.steps) == ["prepare_dataset"]
-    artifact = run.steps["prepare_dataset"].outputs["output"][0]
+    artifact = run.steps["prepare_dataset"].outputs["prepared_data"][0]
     [visualization] = artifact.visualizations or []
     assert visualization.type == VisualizationType.HTML and visualization.uri.endswith("report.html")
     assert "<svg" in Path(visualization.uri).read_text()

@@ -3,6 +3,7 @@ against production, and are re-scored by `--pipeline evaluate` without training.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,14 @@ def test_a_run_worse_than_production_is_rejected_and_neither_merged_nor_promoted
 
 
 @pytest.mark.pipeline
-def test_evaluate_pipeline_rescores_a_model_version_without_training(champion: dict, challenger: dict) -> None:
+def test_evaluate_pipeline_rescores_a_model_version_without_training(
+    champion: dict, challenger: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
     overrides = [*champion["overrides"], "source.model_version=production", "evaluation.num_generation_prompts=6"]
     assert cli("evaluate", overrides) == 0
+    printed = capsys.readouterr().out
+    assert "no production version yet" not in printed, "there is one: the version evaluated"
+    assert re.search(r"^It is production version \d+ itself: not compared with production\.$", printed, re.MULTILINE)
     run = latest_run("evaluate")
     assert set(run.steps) == {"evaluate"}, "base, adapter and data come from the finetune run"
     report = eval_report(run)

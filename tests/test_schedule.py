@@ -131,3 +131,28 @@ def test_module_examples_hold() -> None:
 
     for module in (cli.schedule, cli.stack):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_listing_says_when_cron_is_not_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.schedule import list_schedules
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no crontab command on this PATH
+    assert list_schedules() == 0
+    assert "warning: cron is not installed here (no `crontab` command)" in capsys.readouterr().out
+
+
+def test_a_running_cron_daemon_is_seen(tmp_path: Path) -> None:
+    from cli.schedule import cron_daemon_running
+
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc: the daemon cannot be seen on this system")
+    daemon = tmp_path / "cron"  # a real process whose name is cron, as the daemon's is
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", daemon)
+    process = subprocess.Popen([str(daemon), "30"])
+    try:
+        assert cron_daemon_running() is True
+    finally:
+        process.kill()
+        process.wait()

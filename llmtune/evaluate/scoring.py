@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from llmtune import progress
 from llmtune.artifacts import EvalReport
 from llmtune.config import EvaluationConfig
 from llmtune.data.templates import end_of_turn_ids
@@ -35,12 +36,15 @@ SAMPLE_TEXT_COLUMNS = ("prompt", "reference", "base", "tuned")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the reasoning block of Qwen3, DeepSeek-R1 and QwQ
 
 
-def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> float:
-    """Mean cross-entropy over every labelled token of `dataset` (rows with input_ids and labels)."""
+def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int, desc: str | None = None) -> float:
+    """Mean cross-entropy over every labelled token of `dataset` (rows with input_ids and labels); with `desc`,
+    a progress bar of the rows done."""
     import torch
 
     total, count = 0.0, 0
+    shown = progress.bar(total=len(dataset), desc=desc or "", unit="row", disable=desc is None)
     for start in range(0, len(dataset), batch_size):
+        shown.update(min(batch_size, len(dataset) - start))
         batch = _pad_batch(dataset[start : start + batch_size], pad_token_id, model.device)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
@@ -50,6 +54,7 @@ def eval_loss(model: Any, dataset: Any, pad_token_id: int, batch_size: int) -> f
         )
         total += losses.item()
         count += int((labels != -100).sum())
+    shown.close()
     return total / max(count, 1)
 
 
@@ -67,17 +72,26 @@ def _pad_batch(columns: dict[str, list[list[int]]], pad_token_id: int, device: A
 
 
 def generate_answers(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, use_cache: bool = True
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    use_cache: bool = True,
+    desc: str | None = None,
 ) -> list[str]:
     """Greedy answers in the order of `prompts`: batched with left padding and the KV cache, each stopping at the
-    first end-of-turn token of the template (or EOS)."""
+    first end-of-turn token of the template (or EOS); with `desc`, a progress bar of the prompts answered."""
     tokenizer.padding_side = "left"  # new tokens then start at the same column for every row of a batch
     order = length_order(tokenizer, prompts)
     answers: dict[int, str] = {}
+    shown = progress.bar(total=len(prompts), desc=desc or "", unit="prompt", disable=desc is None)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         batch_answers = _generate_batch(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, use_cache)
         answers.update(zip(indices, batch_answers, strict=True))
+        shown.update(len(indices))
+    shown.close()
     return [answers[i] for i in range(len(prompts))]
 
 
@@ -125,7 +139,7 @@ def compare(
     outputs: dict[str, list[str]] = {}
     for name in ("base", "tuned"):
         with _adapter(model, enabled=name == "tuned"):
-            scores, outputs[name] = score(model, tokenizer, rows, texts, references, cfg)
+            scores, outputs[name] = score(model, tokenizer, rows, texts, references, cfg, label=name)
         report.update({f"{name}_{k}": v for k, v in scores.items()})
     report["eval_rows"], report["generation_prompts"] = len(rows), len(prompts)
     report["metrics"] = chosen
@@ -133,7 +147,7 @@ def compare(
     report["samples"] = build_samples(texts, references, final["base"], final["tuned"], chosen)
     if champion_adapter:
         with _other_adapter(model, champion_adapter, "champion"):
-            scores, outputs["champion"] = score(model, tokenizer, rows, texts, references, cfg)
+            scores, outputs["champion"] = score(model, tokenizer, rows, texts, references, cfg, label="production")
         report.update({f"champion_{k}": v for k, v in scores.items()})
         report["samples"] = [
             {**{k: row[k] for k in SAMPLE_TEXT_COLUMNS}, "champion": scored_answer(answer, cfg), **row}
@@ -161,11 +175,21 @@ def with_reasoning(
 
 
 def score(
-    model: Any, tokenizer: Any, rows: Any, texts: list[str], references: list[str], cfg: EvaluationConfig
+    model: Any,
+    tokenizer: Any,
+    rows: Any,
+    texts: list[str],
+    references: list[str],
+    cfg: EvaluationConfig,
+    label: str | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Loss, perplexity and the configured generation metrics of `model` as it is now, with its greedy answers."""
-    loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size)
-    answers = generate_answers(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size)
+    """Loss, perplexity and the configured generation metrics of `model` as it is now, with its greedy answers;
+    with a `label` (base, tuned, production), progress bars of the rows and prompts done."""
+    desc = f"evaluate {label}" if label else None
+    loss = eval_loss(model, rows, tokenizer.pad_token_id, cfg.batch_size, desc=desc and f"{desc}: loss")
+    answers = generate_answers(
+        model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, desc=desc and f"{desc}: answers"
+    )
     scores = {"eval_loss": round(loss, 4), "perplexity": round(math.exp(min(loss, 50.0)), 3)}
     scored = [scored_answer(answer, cfg) for answer in answers]
     scores.update(metric_lib.corpus_scores(scored, references, report_metrics(cfg)))

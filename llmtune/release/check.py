@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune import progress
 from llmtune.config import ExportConfig
 from llmtune.errors import LlmtuneError
 from llmtune.model import hf
@@ -60,13 +61,18 @@ def max_logit_gap(a: Any, b: Any) -> float:
     return float((torch.as_tensor(a, dtype=torch.float32) - torch.as_tensor(b, dtype=torch.float32)).abs().max())
 
 
-def prompt_outputs(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[PromptOutputs]:
-    """Prompt logits and the greedy continuation of each prompt, with the scores behind each choice."""
+def prompt_outputs(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, desc: str | None = None
+) -> list[PromptOutputs]:
+    """Prompt logits and the greedy continuation of each prompt, with the scores behind each choice; with `desc`,
+    a progress bar of the prompts done."""
     import torch
 
     results = []
     device = next(model.parameters()).device
-    for prompt in prompts:
+    for prompt in progress.bar(
+        total=len(prompts), desc=desc or "", unit="prompt", disable=desc is None, iterable=prompts
+    ):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
         with torch.no_grad():
             logits = model(**ids).logits.float().cpu()[0]
@@ -120,11 +126,13 @@ def _free(model: Any) -> None:
     gc.collect()
 
 
-def _outputs_of(load: Callable[[], Any], tokenizer: Any, prompts: list[str], new_tokens: int) -> list[PromptOutputs]:
+def _outputs_of(
+    load: Callable[[], Any], tokenizer: Any, prompts: list[str], new_tokens: int, desc: str | None = None
+) -> list[PromptOutputs]:
     """Load a model, run the prompts, let the model go: the check holds one model at a time."""
     model = load()
     try:
-        return prompt_outputs(model, tokenizer, prompts, new_tokens)
+        return prompt_outputs(model, tokenizer, prompts, new_tokens, desc=desc)
     finally:
         _free(model)
 
@@ -137,9 +145,9 @@ def reference_outputs(
 
     hf.require_adapter_safetensors(adapter_dir)
     model = PeftModel.from_pretrained(load_float32(base_dir), str(adapter_dir)).eval()
-    with_adapter = prompt_outputs(model, tokenizer, prompts, new_tokens)
+    with_adapter = prompt_outputs(model, tokenizer, prompts, new_tokens, desc="merge check: base + adapter")
     with model.disable_adapter():
-        base_alone = prompt_outputs(model, tokenizer, prompts, new_tokens)
+        base_alone = prompt_outputs(model, tokenizer, prompts, new_tokens, desc="merge check: base alone")
     _free(model)
     return with_adapter, base_alone
 
@@ -157,7 +165,7 @@ def check_merge(merged_dir: str | Path, inputs: CheckInputs, cfg: ExportConfig) 
     """The merge check (see the module docstring): gate fields plus the quantization-gap report."""
     prompts, n = inputs.prompts[: cfg.merge_check_prompts], cfg.merge_check_max_new_tokens
     want, base_alone = reference_outputs(inputs.base_dir, inputs.adapter_dir, inputs.tokenizer, prompts, n)
-    got = _outputs_of(lambda: load_float32(merged_dir), inputs.tokenizer, prompts, n)
+    got = _outputs_of(lambda: load_float32(merged_dir), inputs.tokenizer, prompts, n, desc="merge check: merged")
     gap, same = compare(got, want)
     effect, _ = compare(base_alone, want)
     ties, mismatches = greedy_divergences(got, want, margin=cfg.merge_check_atol)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune import progress
 from llmtune.artifacts import Adapter
 from llmtune.model import hf, lora_variants
 from llmtune.release.weights import (
@@ -162,14 +163,18 @@ def merge_streaming(
     specs += [(name, target, tuple(replaced[name].shape)) for name in replaced if name not in entries]
     shards = plan_shards(specs, parse_size(max_shard_size))
 
+    shown = progress.bar(total=len(specs), desc=f"merge into {dtype}", unit="tensor")
+
     def merged(name: str) -> Any:
         tensor = replaced[name] if name in replaced else read_tensor(entries[name])
         if name in deltas:
             tensor = deltas[name].apply(tensor)
+        shown.update()
         return tensor.to(getattr(torch, dtype)) if tensor.is_floating_point() else tensor
 
     for file_name, shard in shards.items():
         write_safetensors(out / file_name, shard, (merged(name) for name, _, _ in shard))
+    shown.close()
     write_index(out, shards)
     _write_model_config(base_config, Path(base_dir), out, dtype, untie)
     return {
