@@ -132,7 +132,12 @@ def load_run(source: SourceConfig, cfg: RunConfig) -> Loaded:
     from llmtune.model import import_unsloth_if_used, resolve_backend
 
     use_project_stack()
-    run = find_finetune_run(source, cfg.export.zenml_model)
+    try:
+        run = find_finetune_run(source, cfg.export.zenml_model)
+    except ConfigError as err:  # its advice names the source.* keys of the pipelines; here they are options
+        raise ConfigError(
+            f"{err} For run.py chat: --run NAME, --model-version N|STAGE, --adapter PATH or --merged PATH."
+        ) from None
     backend_name = run_config(run).model.backend
     import_unsloth_if_used(backend_name)
     backend = resolve_backend(backend_name)

@@ -150,6 +150,9 @@ def test_chat_one_shot_gives_the_tuned_answer_and_base_with_the_adapter_off(
         assert run_cli(["chat", *options, *one_shot]) == 0
         answers[name] = capsys.readouterr().out.strip()
     assert answers == {"default": tuned, "base": base_answer, "adapter": tuned}
+    assert run_cli(["chat", "--run", "no-such-run", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "source.run 'no-such-run' is not a pipeline run" in err and "For run.py chat: --run NAME" in err
 
 
 def run_cli(argv: list[str]) -> int:
