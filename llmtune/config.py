@@ -873,10 +873,9 @@ def annotated_yaml(cfg: RunConfig) -> str:
     where its value differs from the default (what `python run.py config` prints).
 
     >>> text = annotated_yaml(load_config(None, ["training.max_steps=5"]))
-    >>> print(text[text.index("training:"):][:200])  # doctest: +ELLIPSIS
-    training:
-      # Optimizer steps to run. (default: 300; changed)
-      max_steps: 5
+    >>> print(text[text.index("  # Peak"):][:80])  # doctest: +ELLIPSIS
+      # Peak learning rate. (default: 0.0002)
+      learning_rate: 0.0002
     ...
     >>> RunConfig.model_validate(yaml.safe_load(text)) == load_config(None, ["training.max_steps=5"])
     True

@@ -182,7 +182,7 @@ def test_dataset_artifact_opens_with_its_producer_and_metadata(run_page: Any) ->
     click_text(run_page, "PreparedData")
     panel = open_panel(run_page)
     overview = wait_for_text(run_page, ["Producer Step", "prepare_dataset", "DataDirMaterializer"], within=panel)
-    assert "finetune::prepare_dataset::output" in overview
+    assert "\nprepared_data\n" in overview and "/prepare_dataset/prepared_data/" in overview  # named output
     click_text(run_page, "Metadata", within=panel)
     metadata = wait_for_text(run_page, ["files", "size_bytes"], within=panel)
     size = int(metadata.split("size_bytes", 1)[1].split()[0])
@@ -200,7 +200,7 @@ def test_dataset_visualization_shows_counts_and_token_length_histogram(
     from selenium.webdriver.common.by import By
 
     panels = run_page.find_elements(By.CSS_SELECTOR, "[role=dialog]")
-    if not panels or "prepare_dataset::output" not in panels[-1].text:
+    if not panels or "prepared_data" not in panels[-1].text:
         click_text(run_page, "PreparedData")
     panel = open_panel(run_page)
     click_text(run_page, "Visualization", within=panel)

@@ -63,7 +63,8 @@ def test_cli_ends_a_step_refusal_with_one_paragraph_and_exit_2(tmp_path: Path, t
     """
     model = tmp_path / "strict-model"
     strict_tokenizer(tiny_model_dir).save_pretrained(model)
-    shutil.copy(tiny_model_dir / "config.json", model / "config.json")
+    for name in ("config.json", "model.safetensors"):  # preflight checks that model.name is a loadable model
+        shutil.copy(tiny_model_dir / name, model / name)
     args = ["--pipeline", "prepare", "--set", f"data.source={REFUSED}", "--set", f"model.name={model}", "--no-cache"]
     done = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, timeout=600)
     last = done.stderr.strip().splitlines()[-1]

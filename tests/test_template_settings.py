@@ -6,6 +6,7 @@ the printed example's trained-token brackets."""
 from __future__ import annotations
 
 import copy
+import os
 from datetime import date
 from io import StringIO
 from pathlib import Path
@@ -129,3 +130,24 @@ def test_prepare_counts_conversations_trained_one_sequence_per_answer(tmp_path: 
     assert stats["split_conversations"] == 3 and stats["train_rows"] + stats["eval_rows"] == 6
     assert "differently once later turns follow" in stats["first_split"]
     assert ("conversations trained one sequence per answer", "3") in report.summary_rows(stats)
+
+
+def test_the_tokenizer_fingerprint_is_the_same_in_every_process(tmp_path: Path, demo_tokenizer: Any) -> None:
+    """The prepare step's cache key must not depend on the process's string hash seed (a scheduled or resumed run
+    is another process): the special tokens are hashed in a fixed order."""
+    import subprocess
+    import sys
+
+    demo_tokenizer.save_pretrained(tmp_path)
+    code = (
+        f"from llmtune.data.templates import tokenizer_cache_key; print(tokenizer_cache_key({str(tmp_path)!r}, None))"
+    )
+
+    def key_with_seed(seed: int) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip()
+
+    keys = {key_with_seed(seed) for seed in range(4)}
+    assert len(keys) == 1, keys

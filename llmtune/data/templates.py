@@ -328,7 +328,7 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
 def _special_tokens(tokenizer: Any) -> list[str]:
     """The tokenizer's special tokens, longest first (so that a token is not read as a shorter one it starts with)."""
     added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
-    return sorted({*added, *tokenizer.all_special_tokens}, key=len, reverse=True)
+    return sorted({*added, *tokenizer.all_special_tokens}, key=lambda token: (-len(token), token))  # stable order
 
 
 def _tokens_after_probe_answers(tokenizer: Any, probe: list[dict[str, str]], special: list[str]) -> list[str]:
