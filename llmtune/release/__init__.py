@@ -11,7 +11,8 @@
    tokenizer, so the chat template travels with the model; the GGUF folder with its Ollama Modelfile.
 3. `annotate`: a model card (`llmtune.release.card`) and the resolved config in every folder.
 4. `write_local`: a copy under `export.output_dir/<run>`, complete before any push, so a failed push
-   leaves it intact.
+   leaves it intact. It is all or nothing: written into a hidden `.<run>.partial-*` folder beside it and
+   renamed into place when every folder is there, so an export killed midway leaves no `<run>` folder.
 5. `publish`: the MLflow Model Registry, then the Hugging Face Hub (`llmtune.release.publish`); the GGUF
    folder goes to the same Hub repo, under `gguf/` (`export.hub_include_gguf`).
 
@@ -27,6 +28,9 @@ Example (the facts a model card is made of, without merging anything):
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -175,12 +179,34 @@ def write_local(folders: dict[str, Path], output_dir: str | None, run_name: str)
     if not output_dir:
         return {}
     dest = Path(output_dir) / run_name
-    paths = {kind: copy_tree(folder, dest / folder.name).resolve() for kind, folder in folders.items()}
+    staging = fresh_staging_folder(Path(output_dir), run_name)
+    for folder in folders.values():
+        copy_tree(folder, staging / folder.name)
+    if dest.exists():  # a re-export under the same run name replaces the earlier one whole
+        shutil.rmtree(dest)
+    os.replace(staging, dest)  # one rename: `dest` appears complete or not at all
+    paths = {kind: (dest / folder.name).resolve() for kind, folder in folders.items()}
     return {f"{kind}_path": str(path) for kind, path in paths.items()} | {
         # the names the run summary has always printed
         "adapter_path": str(paths.get("adapter", "")),
         "merged_path": str(paths.get("merged_16bit", "")),
     }
+
+
+def fresh_staging_folder(output_dir: Path, run_name: str) -> Path:
+    """A new hidden folder beside `output_dir/run_name` to copy into; partial copies a killed export of the same
+    run left behind are removed first.
+
+    >>> root = Path(tempfile.mkdtemp())
+    >>> first = fresh_staging_folder(root, "run-1")
+    >>> second = fresh_staging_folder(root, "run-1")
+    >>> first.exists(), second.name.startswith(".run-1.partial-")
+    (False, True)
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(f".{run_name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{run_name}.partial-", dir=output_dir))
 
 
 def publish_folder(
