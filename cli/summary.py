@@ -50,7 +50,7 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
     lines = [
         *(report.warning_lines(step_output(run, "prepare_dataset").stats()) if prepared else []),
         *(_training_lines(training) if training is not None else []),
-        *_gate_lines(verdict, export),
+        *_gate_lines(verdict, export, run.name),
         *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
         f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment) or '(none: all cached)'}",
         f"  open the UI:  mlflow ui --backend-store-uri {mlflow_tracking_uri()}",
@@ -100,11 +100,17 @@ def _model_version_lines(run: Any) -> list[str]:
     ]
 
 
-def _gate_lines(verdict: dict[str, Any], export: dict[str, Any]) -> list[str]:
-    """The promotion gate's verdict, and where the model version went."""
+def _gate_lines(verdict: dict[str, Any], export: dict[str, Any], run_name: str) -> list[str]:
+    """The promotion gate's verdict, where the model version went, and for a rejected run how to export it anyway
+    (its trained adapter stays an artifact of the run)."""
     if "gate_verdict" not in verdict:
         return []
     lines = [f"Gate:         {verdict['gate_verdict']}"]
+    if verdict.get("gate_passed") is False:
+        lines.append(
+            f"Export anyway: python run.py --pipeline export --set source.run={run_name}   "
+            "(the trained adapter is kept in ZenML; the export pipeline has no gate)"
+        )
     if export.get("promoted_to"):
         lines.append(f"Promoted:     ZenML model version {export['promoted_version']} -> {export['promoted_to']}")
     return lines

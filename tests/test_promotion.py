@@ -166,6 +166,23 @@ def test_a_run_worse_than_production_is_rejected_and_neither_merged_nor_promoted
 
 
 @pytest.mark.pipeline
+def test_a_rejected_runs_summary_says_how_to_export_its_kept_adapter(challenger: dict) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cli.sources import step_output
+    from cli.summary import print_summary
+
+    printed = StringIO()
+    print_summary(challenger["run"].id, console=Console(file=printed, width=200))
+    command = f"python run.py --pipeline export --set source.run={challenger['run'].name}"
+    assert f"Export anyway: {command}" in printed.getvalue()
+    adapter = step_output(challenger["run"], "train_sft").load()
+    assert Path(adapter.path, "adapter_model.safetensors").is_file(), "the rejected run's adapter is kept"
+
+
+@pytest.mark.pipeline
 def test_evaluate_pipeline_rescores_a_model_version_without_training(
     champion: dict, challenger: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
