@@ -39,17 +39,54 @@ class AbsentAutologFlavorFilter(logging.Filter):
 logging.getLogger(ZENML_MLFLOW_LOGGER).addFilter(AbsentAutologFlavorFilter())
 
 
+# Step metadata key under which `record` keeps what it logged to MLflow, so a run that reuses the step from
+# ZenML's cache can log the same (see `replay_cached_steps`).
+LOGGED_KEY = "mlflow_logged"
+REPLAYED_TAG = "llmtune.replayed_cached_steps"
+
+
 def record(
     metadata: dict[str, Any], params: dict[str, Any] | None = None, metrics: dict[str, float] | None = None
 ) -> None:
-    """Log `metadata` on the step, `params` and `metrics` to the active MLflow run."""
-    log_metadata(metadata=metadata)
+    """Log `metadata` on the step, `params` and `metrics` to the active MLflow run.
+
+    The params and metrics are kept in the step's metadata too, and the MLflow run first gets those of the
+    run's cached steps (`replay_cached_steps`), so a run that reused steps is tracked like the one that ran them.
+    """
+    clean = {k: "null" if v is None else v for k, v in (params or {}).items()}
+    log_metadata(metadata={**metadata, LOGGED_KEY: {"params": clean, "metrics": dict(metrics or {})}})
     if mlflow.active_run() is None:
         return
-    if params:
-        mlflow.log_params({k: "null" if v is None else v for k, v in params.items()})
+    replay_cached_steps()
+    if clean:
+        mlflow.log_params(clean)
     if metrics:
         mlflow.log_metrics(metrics)
+
+
+def replay_cached_steps() -> None:
+    """Log to the active MLflow run the params and metrics that this pipeline run's cached steps logged when
+    they ran (kept in their metadata by `record`); each cached step once, keys already logged left as they are."""
+    from zenml.client import Client
+
+    run_id = mlflow.active_run().info.run_id  # type: ignore[union-attr]  # record checked there is one
+    logged = mlflow.get_run(run_id).data
+    done = set(filter(None, logged.tags.get(REPLAYED_TAG, "").split(",")))
+    client = Client()
+    pipeline_run = client.get_pipeline_run(get_step_context().pipeline_run.id)
+    for name, step in pipeline_run.steps.items():
+        if step.status.value != "cached" or name in done or step.original_step_run_id is None:
+            continue
+        tracked = client.get_run_step(step.original_step_run_id).run_metadata.get(LOGGED_KEY)
+        if not isinstance(tracked, dict):  # a step that logged nothing, or ran before this was kept
+            continue
+        params = {k: v for k, v in tracked.get("params", {}).items() if k not in logged.params}
+        if params:
+            mlflow.log_params(params)
+        if tracked.get("metrics"):
+            mlflow.log_metrics(tracked["metrics"])
+        done.add(name)
+    mlflow.set_tag(REPLAYED_TAG, ",".join(sorted(done)))
 
 
 def on_model_version(metadata: dict[str, Any]) -> None:

@@ -174,9 +174,22 @@ def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict)
 
     run_id = mlflow_run_id(last_run().name)
     assert run_id is not None
-    params = MlflowClient(tracking_uri=mlflow_tracking_uri()).get_run(run_id).data.params
+    client = MlflowClient(tracking_uri=mlflow_tracking_uri())
+    rerun = client.get_run(run_id).data
+    params = rerun.params
     assert params["training.max_steps"] == "6" and params["lora.r"] == "16"
     assert params["data.source"] == first_run["overrides"][1].split("=", 1)[1]
+    # what the cached steps logged when they ran is logged again: compare shows only the real differences
+    original = client.get_run(mlflow_run_id(first_run["run"].name)).data  # type: ignore[arg-type]
+    assert original.params["data.format"] != "auto", "the prepare step logs the detected format"
+    for key in ("data.format", "data.fingerprint", "model.backend_used", "lora.backend_used"):
+        assert params.get(key) == original.params.get(key), key
+    cached_metrics = [k for k in original.metrics if k.startswith("data_")] + ["trainable_params"]
+    assert len(cached_metrics) > 2
+    for key in cached_metrics:
+        assert rerun.metrics.get(key) == original.metrics[key], key
+    differing = {k for k in set(params) | set(original.params) if params.get(k) != original.params.get(k)}
+    assert differing == {"training.max_steps"}, differing
 
 
 def test_failed_run_leaves_cached_artifacts_usable(first_run: dict) -> None:
