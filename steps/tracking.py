@@ -43,6 +43,8 @@ logging.getLogger(ZENML_MLFLOW_LOGGER).addFilter(AbsentAutologFlavorFilter())
 # ZenML's cache can log the same (see `replay_cached_steps`).
 LOGGED_KEY = "mlflow_logged"
 REPLAYED_TAG = "llmtune.replayed_cached_steps"
+# MLflow 3's UI opens an experiment of this kind on its runs (training), not on GenAI traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def record(
@@ -57,6 +59,8 @@ def record(
     log_metadata(metadata={**metadata, LOGGED_KEY: {"params": clean, "metrics": dict(metrics or {})}})
     if mlflow.active_run() is None:
         return
+    for key, value in EXPERIMENT_KIND.items():
+        mlflow.set_experiment_tag(key, value)
     replay_cached_steps()
     if clean:
         mlflow.log_params(clean)

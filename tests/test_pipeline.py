@@ -190,6 +190,8 @@ def test_changing_a_training_value_reuses_cached_upstream_steps(first_run: dict)
         assert rerun.metrics.get(key) == original.metrics[key], key
     differing = {k for k in set(params) | set(original.params) if params.get(k) != original.params.get(k)}
     assert differing == {"training.max_steps"}, differing
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", "the UI opens on runs"
 
 
 def test_failed_run_leaves_cached_artifacts_usable(first_run: dict) -> None:
