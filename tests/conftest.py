@@ -21,6 +21,17 @@ import pytest  # noqa: E402
 from llmtune.config import ModelConfig, RunConfig  # noqa: E402
 from llmtune.demo import build_demo_model, make_demo_rows, write_jsonl  # noqa: E402
 
+# The finetune pipeline's steps in the order they run: what the pipeline tests expect to see completed.
+FINETUNE_STEPS = [
+    "prepare_dataset",
+    "load_base_model",
+    "inject_lora",
+    "train_sft",
+    "evaluate",
+    "promotion_gate",
+    "merge_and_push",
+]
+
 
 @pytest.fixture(scope="session")
 def demo_rows() -> list[dict[str, str]]:

@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_run_overrides
+from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = [
-    "prepare_dataset",
-    "load_base_model",
-    "inject_lora",
-    "train_sft",
-    "evaluate",
-    "promotion_gate",
-    "merge_and_push",
-]
 
 
 def start_run(overrides: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -75,7 +66,9 @@ def test_both_runs_complete_all_six_steps(two_runs: list) -> None:
     assert len(two_runs) == 2
     for run in two_runs:
         assert run.status.value == "completed"
-        assert {name: step.status.value for name, step in run.steps.items()} == dict.fromkeys(STEPS, "completed")
+        assert {name: step.status.value for name, step in run.steps.items()} == dict.fromkeys(
+            FINETUNE_STEPS, "completed"
+        )
     assert two_runs[0].name != two_runs[1].name
 
 

@@ -24,20 +24,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import tiny_run_overrides
+from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = [
-    "prepare_dataset",
-    "load_base_model",
-    "inject_lora",
-    "train_sft",
-    "evaluate",
-    "promotion_gate",
-    "merge_and_push",
-]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 PAGE_TIMEOUT = 90  # seconds: the dashboard is a single-page app that loads data after the page; CI has 2 cores
@@ -128,7 +119,7 @@ def browser(server: dict[str, Any]) -> Iterator[Any]:
 def run_page(browser: Any, server: dict[str, Any], pipeline_run: dict[str, Any]) -> Any:
     """The run's page in the dashboard, once its DAG has rendered."""
     browser.get(f"{server['url']}/projects/default/runs/{pipeline_run['id']}")
-    wait_for_text(browser, [pipeline_run["name"], *STEPS])
+    wait_for_text(browser, [pipeline_run["name"], *FINETUNE_STEPS])
     return browser
 
 
@@ -168,7 +159,7 @@ def open_panel(driver: Any) -> Any:
 def test_run_page_shows_the_run_and_its_seven_steps(run_page: Any, pipeline_run: dict[str, Any]) -> None:
     text = wait_for_text(run_page, ["Completed", "Total Steps"])
     assert pipeline_run["name"] in text
-    assert all(step in text for step in STEPS)
+    assert all(step in text for step in FINETUNE_STEPS)
     assert "finetune" in text
 
 

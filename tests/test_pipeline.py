@@ -6,19 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_run_overrides
+from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
-
-STEPS = [
-    "prepare_dataset",
-    "load_base_model",
-    "inject_lora",
-    "train_sft",
-    "evaluate",
-    "promotion_gate",
-    "merge_and_push",
-]
 
 
 def run(overrides: list[str], *flags: str) -> int:
@@ -52,7 +42,7 @@ def first_run(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.Te
 def test_six_steps_complete_in_one_pipeline(first_run: dict) -> None:
     pipeline_run = first_run["run"]
     assert pipeline_run.pipeline.name == "finetune"
-    assert statuses(pipeline_run) == dict.fromkeys(STEPS, "completed")
+    assert statuses(pipeline_run) == dict.fromkeys(FINETUNE_STEPS, "completed")
 
 
 def test_metrics_params_and_artifacts_are_in_mlflow(first_run: dict) -> None:
@@ -207,7 +197,7 @@ def test_failed_run_leaves_cached_artifacts_usable(first_run: dict) -> None:
 
 def test_every_artifact_is_named_for_what_it_is(first_run: dict) -> None:
     """The dashboard labels each artifact node with these names (not 'output')."""
-    names = {step: set(first_run["run"].steps[step].outputs) for step in STEPS}
+    names = {step: set(first_run["run"].steps[step].outputs) for step in FINETUNE_STEPS}
     assert names == {
         "prepare_dataset": {"prepared_data"},
         "load_base_model": {"quantized_base"},

@@ -18,21 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_run_overrides
+from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 NEVER = "0 0 30 2 *"
-STEPS = [
-    "prepare_dataset",
-    "load_base_model",
-    "inject_lora",
-    "train_sft",
-    "evaluate",
-    "promotion_gate",
-    "merge_and_push",
-]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -93,7 +84,7 @@ def test_scheduled_run_on_unchanged_data_is_a_cache_hit_end_to_end(schedule: dic
     assert again.returncode == 0, again.stderr
     run = latest_run()
     # A step declared enable_cache=False (merge_and_push: publishing is a side effect) runs every time by design.
-    cacheable = [name for name in STEPS if run.steps[name].config.enable_cache is not False]
+    cacheable = [name for name in FINETUNE_STEPS if run.steps[name].config.enable_cache is not False]
     assert {"prepare_dataset", "load_base_model", "inject_lora", "train_sft", "evaluate"} <= set(cacheable)
     got = {name: step.status.value for name, step in run.steps.items()}
     assert {name: got[name] for name in cacheable} == dict.fromkeys(cacheable, "cached"), "nothing trains"

@@ -9,19 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_run_overrides
+from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.pipeline]
-
-STEPS = [
-    "prepare_dataset",
-    "load_base_model",
-    "inject_lora",
-    "train_sft",
-    "evaluate",
-    "promotion_gate",
-    "merge_and_push",
-]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +33,9 @@ def unsloth_run(llama_1b_dir: Path, rows_file: Path, tmp_path_factory: pytest.Te
 
 
 def test_six_steps_complete_with_unsloth(unsloth_run) -> None:
-    assert {name: step.status.value for name, step in unsloth_run.steps.items()} == dict.fromkeys(STEPS, "completed")
+    assert {name: step.status.value for name, step in unsloth_run.steps.items()} == dict.fromkeys(
+        FINETUNE_STEPS, "completed"
+    )
     for name in ("load_base_model", "inject_lora", "train_sft"):
         assert unsloth_run.steps[name].run_metadata["backend"] == "unsloth", name
     assert unsloth_run.steps["train_sft"].run_metadata["peak_gpu_memory_gib"] > 0
