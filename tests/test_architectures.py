@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from llmtune import release
 from llmtune.artifacts import PreparedData, TrainingReport
-from llmtune.config import ExportConfig, LoraConfig, ModelConfig, RunConfig, TrainingConfig
+from llmtune.config import ExportConfig, LoraConfig, ModelConfig, RunConfig
 from llmtune.model import hf
-from llmtune.train import distributed
+from tests.test_lora_variants import train_variant
 
 SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -27,9 +27,6 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
     "phi3": {"num_key_value_heads": 4, "pad_token_id": 0},
 }
-TRAINING = TrainingConfig(
-    max_steps=3, learning_rate=0.02, warmup_steps=0, per_device_train_batch_size=8, packing=False, logging_steps=1
-)
 
 
 def tiny_model(model_type: str, tokenizer_dir: Path, out: Path) -> Path:
@@ -57,26 +54,15 @@ def test_architecture_loads_trains_and_merges(model_type: str, prepared_dir: Pat
     quantized = tmp_path / "q"
     hf.load_quantized(ModelConfig(name=str(base)), quantized)
     assert hf.quantization_report(hf.load_base(quantized))["linear4bit_layers"] > 0
-    lora = hf.add_lora(quantized, LoraConfig(r=4, alpha=8), tmp_path / "adapter0")
+    adapter, lora, report = train_variant(quantized, prepared_dir, LoraConfig(r=4, alpha=8), tmp_path)
     assert lora["trainable_params"] > 0
-    job = distributed.TrainJob(
-        backend="hf",
-        base_dir=str(quantized),
-        adapter_dir=str(tmp_path / "adapter0"),
-        train_dir=str(prepared_dir / "train"),
-        tokenizer_dir=str(prepared_dir / "tokenizer"),
-        training=TRAINING,
-        max_seq_length=128,
-        out_dir=str(tmp_path / "adapter"),
-    )
-    report = distributed.train_adapter(job)
     assert report.steps == 3
 
     # random weights give small logits: a tighter tolerance than the trained demo's, still far above bf16 rounding
     export = ExportConfig(merge_check_prompts=3, merge_check_atol=0.02)
     config = RunConfig(model=ModelConfig(name=str(base)), export=export)
     trained = TrainingReport(first_loss=2.0, final_loss=1.0, train_seconds=1.0, steps=3)
-    inputs = release.ReleaseInputs(config, quantized, tmp_path / "adapter", prepared_dir, {}, trained, {})
+    inputs = release.ReleaseInputs(config, quantized, adapter, prepared_dir, {}, trained, {})
     prompts = [p["prompt"] for p in PreparedData(str(prepared_dir)).eval_prompts()]
     _, check = release.merge_and_check(inputs, AutoTokenizer.from_pretrained(base), prompts, tmp_path / "merge")
     assert check["merge_check_passed"], (check["merge_check_failures"], check["merge_check_max_logit_gap"])

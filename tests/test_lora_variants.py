@@ -35,7 +35,10 @@ TRAINING = TrainingConfig(
 )
 
 
-def train_variant(quantized_dir: Path, prepared_dir: Path, cfg: LoraConfig, work: Path) -> tuple[Path, dict]:
+def train_variant(
+    quantized_dir: Path, prepared_dir: Path, cfg: LoraConfig, work: Path
+) -> tuple[Path, dict, TrainingReport]:
+    """A fresh adapter of `cfg` on the 4-bit base, trained `TRAINING`'s steps: (its folder, LoRA report, report)."""
     lora = hf.add_lora(quantized_dir, cfg, work / "adapter0")
     job = distributed.TrainJob(
         backend="hf",
@@ -47,8 +50,8 @@ def train_variant(quantized_dir: Path, prepared_dir: Path, cfg: LoraConfig, work
         max_seq_length=128,
         out_dir=str(work / "adapter"),
     )
-    distributed.train_adapter(job)
-    return work / "adapter", lora
+    report = distributed.train_adapter(job)
+    return work / "adapter", lora, report
 
 
 def merge_check(tiny_model_dir: Path, quantized_dir: Path, prepared_dir: Path, adapter: Path, work: Path) -> dict:
@@ -66,7 +69,7 @@ def test_variant_trains_and_its_merge_passes_the_check(
     variant: str, tiny_model_dir: Path, quantized_dir: Path, prepared_dir: Path, tmp_path: Path
 ) -> None:
     cfg = VARIANTS[variant]
-    adapter, lora = train_variant(quantized_dir, prepared_dir, cfg, tmp_path)
+    adapter, lora, _ = train_variant(quantized_dir, prepared_dir, cfg, tmp_path)
     initial = lora_variants.read_config(tmp_path / "adapter0")
     saved = lora_variants.read_config(adapter)
     assert (saved["use_dora"], saved["use_rslora"]) == (cfg.use_dora, cfg.use_rslora)
