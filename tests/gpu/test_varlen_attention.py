@@ -109,7 +109,10 @@ def packed_vs_alone(backend_name: str, base_dir: str, adapter_dir: str) -> dict[
     def run(row: Any, positions: Any, lengths: list[int]) -> tuple[Any, Any]:
         model.zero_grad(set_to_none=True)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            losses = per_example_loss(model(input_ids=row, position_ids=positions).logits, row, lengths)
+            # use_cache=False as in training (sft.py, TRL): with a cache transformers does not read the restarting
+            # positions as example boundaries, and its own path attends across them.
+            logits = model(input_ids=row, position_ids=positions, use_cache=False).logits
+            losses = per_example_loss(logits, row, lengths)
         losses.sum().backward()
         return losses.detach().cpu(), lora_grads(model)
 
