@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,49 @@ def launch_finetune(cfg: RunConfig, enable_cache: bool) -> int:
     if champion is not None:
         how = "re-scored on this run's eval rows" if champion.adapter else "its recorded scores (another base)"
         print(f"Promotion gate: production is version {champion.version}, {how}.", flush=True)
-    run = finished(
-        finetune.with_options(**options)(
-            config=cfg.model_dump(),
-            champion=champion.describe() if champion else None,
-            champion_version=champion.version if champion else None,
+    run_name = new_run_name("finetune")
+    try:
+        run = finished(
+            finetune.with_options(run_name=run_name, **options)(
+                config=cfg.model_dump(),
+                champion=champion.describe() if champion else None,
+                champion_version=champion.version if champion else None,
+            )
         )
-    )
+    except BaseException:  # a failed or interrupted run: its model version would only use up a number
+        release_model_version(run_name)
+        raise
     print_summary(run.id)
     return 0
+
+
+def new_run_name(pipeline: str) -> str:
+    """A run name in ZenML's default format (finetune-2026_12_01-13_51_58_246634), chosen here so that the CLI
+    can find its run when the pipeline call raises instead of returning it."""
+    return f"{pipeline}-{datetime.now(UTC):%Y_%m_%d-%H_%M_%S_%f}"
+
+
+def release_model_version(run_name: str) -> None:
+    """Delete the ZenML model version that the failed run `run_name` created, so the next run gets its number
+    (ZenML numbers a new version max + 1). Kept when another run uses it, or when the run got as far as a trained
+    adapter (a failed export or push): that version holds the adapter and its scores, and the export pipeline
+    joins it. The failed run itself stays listed, without a version."""
+    client = Client()
+    try:
+        run = client.get_pipeline_run(run_name)
+    except KeyError:  # the run never started (an error before the orchestrator created it)
+        return
+    version, trained = run.model_version, run.steps.get("train_sft")
+    if version is None or set(version.pipeline_run_ids) - {run_name}:
+        return
+    if trained is not None and trained.status.value in ("completed", "cached"):
+        return
+    client.delete_model_version(version.id)
+    print(
+        f"ZenML model {version.model.name}: version {version.number} of the failed run {run_name} was deleted, so "
+        "the next run gets its number.",
+        flush=True,
+    )
 
 
 def launch_prepare(cfg: RunConfig, enable_cache: bool) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmtune import data
+from llmtune import data, hub
 from llmtune.config import CHAT_TEMPLATE_NAMES, DEMO_MODEL_PATH, DataEntry, RunConfig, did_you_mean
 from llmtune.data.sources import SUPPORTED_SUFFIXES
 from llmtune.errors import LlmtuneError
@@ -66,6 +66,12 @@ def _check_source(entry: DataEntry) -> None:
             f"{field}: '{given}' does not exist. Point {field} at a JSONL, JSON, CSV, "
             f"Parquet or TXT file or a folder, or a Hub dataset id like owner/name. {WHERE_PATHS_POINT}"
         )
+    if not source.exists():  # a Hub id: downloaded here before, or readable with this token
+        try:
+            hub.check_readable(hub.HubRepo(given, "dataset", field, entry.cfg.revision))
+        except hub.HubAccessError as err:
+            raise PreflightError(str(err)) from None
+        return
     if source.is_file():  # cheap to read and convert here; folders and Hub ids are read by the step
         try:  # raises when no row is usable, naming the first problems
             data.load_examples(entry.cfg, data.ErrorLog(entry.cfg.on_error))

@@ -88,12 +88,13 @@ def test_a_hub_model_in_the_local_cache_passes_offline(
 
 
 class AccessCheckingHub(JsonHandler):
-    """Answers `HfApi.auth_check` as huggingface.co does: owner/open is readable, owner/gated is gated, the rest
-    do not exist."""
+    """Answers `HfApi.auth_check` as huggingface.co does: model owner/open and dataset owner/open-rows are
+    readable, owner/gated (either kind) is gated, the rest do not exist."""
 
     def do_GET(self) -> None:
-        repo = self.path.removeprefix("/api/models/").removesuffix("/auth-check")
-        if repo == "owner/open":
+        repo = self.path.removeprefix("/api/models/").removeprefix("/api/datasets/").removesuffix("/auth-check")
+        readable = "owner/open-rows" if self.path.startswith("/api/datasets/") else "owner/open"
+        if repo == readable:
             self.reply_json({})
             return
         code = "GatedRepo" if repo == "owner/gated" else "RepoNotFound"
@@ -132,6 +133,69 @@ def test_a_hub_model_must_be_readable_with_this_token(
         preflight(rows_file, model)
     assert str(caught.value).startswith(f"model.name: {must_mention}")
     assert "HF_TOKEN" in str(caught.value)
+
+
+def test_an_uncached_hub_dataset_offline_says_what_to_do(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    with pytest.raises(PreflightError) as caught:
+        preflight(Path("owner/rows"), tiny_model_dir)
+    message = str(caught.value)
+    assert message.startswith("data.source: 'owner/rows' is not a local folder and not in the Hugging Face cache")
+    for part in ("HF_HUB_OFFLINE", "hf download owner/rows --repo-type dataset", "HF_TOKEN"):
+        assert part in message
+
+
+def test_a_hub_dataset_downloaded_before_passes_offline(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    snapshot = tmp_path / "hub" / "datasets--owner--raw" / "snapshots" / "abc123"  # huggingface_hub's layout
+    snapshot.mkdir(parents=True)
+    (snapshot / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    # `datasets`' Arrow cache of a dataset loaded once: <owner>___<snake_case name>/<subset>/<version>/<hash>
+    (tmp_path / "datasets" / "owner___alpaca_clean" / "default" / "0.0.0" / "f00d").mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    preflight(Path("owner/raw"), tiny_model_dir)
+    preflight(Path("owner/AlpacaClean"), tiny_model_dir)
+    with pytest.raises(PreflightError, match=r"^data\.source: 'owner/alpaca' is not a local folder"):
+        preflight(Path("owner/alpaca"), tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "must_mention"),
+    [
+        ("owner/open-rows", None),
+        ("owner/gated", "'owner/gated' is a gated Hub dataset and this token may not read it (HF_TOKEN is not set)"),
+        ("owner/open", "'owner/open' is neither a local folder nor a Hub dataset this token can see"),  # a model
+    ],
+)
+def test_a_hub_dataset_in_a_mix_must_be_readable_with_this_token(
+    rows_file: Path,
+    tiny_model_dir: Path,
+    access_hub: str,
+    monkeypatch: pytest.MonkeyPatch,
+    dataset: str,
+    must_mention: str | None,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", access_hub)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    mix = {"source": None, "sources": [{"source": str(rows_file)}, {"source": dataset}]}
+    if must_mention is None:
+        preflight(rows_file, tiny_model_dir, data=mix)
+        return
+    with pytest.raises(PreflightError) as caught:
+        preflight(rows_file, tiny_model_dir, data=mix)
+    assert str(caught.value).startswith(f"data.sources[1].source: {must_mention}")
+    assert "HF_TOKEN" in str(caught.value)
+    if dataset == "owner/gated":
+        assert "https://huggingface.co/datasets/owner/gated" in str(caught.value)  # the dataset's page, not a model's
 
 
 def test_an_unknown_optimizer_suggests_real_ones(rows_file: Path, tiny_model_dir: Path) -> None:

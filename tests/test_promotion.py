@@ -221,3 +221,28 @@ def test_evaluate_pipeline_refuses_a_folder_that_is_not_an_adapter(
     (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
     assert cli("evaluate", [*champion["overrides"], f"source.adapter={tmp_path}"]) == 2
     assert "no adapter_model.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.pipeline
+def test_a_run_that_fails_before_training_uses_up_no_model_version_number(
+    tiny_model_dir: Path, rows_file: Path, tmp_path: Path
+) -> None:
+    """The prepare step stops the run (every row too long, data.on_too_many_dropped=raise); its model version is
+    deleted, so the next run of the model is version 1, while the failed run stays listed."""
+    from zenml.client import Client
+
+    model = "fails-first"
+    overrides = [
+        *tiny_run_overrides(tiny_model_dir, rows_file, tmp_path, max_steps=2),
+        f"export.zenml_model={model}",
+        "export.formats=[adapter]",
+        "export.publish_format=adapter",
+    ]
+    too_long = ["data.max_seq_length=8", "data.on_too_many_dropped=raise"]
+    assert cli("finetune", [*overrides, *too_long]) == 2  # a user-fixable error
+    failed = latest_run("finetune")
+    assert failed.status.value == "failed" and failed.model_version is None
+    assert Client().list_model_versions(model_name_or_id=model).total == 0
+    assert cli("finetune", overrides) == 0
+    done = latest_run("finetune")
+    assert done.status.value == "completed" and done.model_version.number == 1

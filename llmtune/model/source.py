@@ -1,9 +1,7 @@
 """Does `model.name` resolve before any step runs: a local model folder, or a Hub id cached here or reachable.
 
-A local folder needs a readable config.json and safetensors weights. A Hub id is accepted when its
-config.json is in the local Hugging Face cache (so offline runs work), else when the Hub says this token
-may read it (`HfApi.auth_check`). Every refusal is one paragraph naming `model.name`, what to do, and
-`HF_TOKEN` where a token would help.
+A local folder needs a readable config.json and safetensors weights; a Hub id must be cached here or
+readable with this token (`llmtune.hub`). Every refusal is one paragraph naming `model.name` and what to do.
 
 Example:
     >>> import tempfile
@@ -19,18 +17,12 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from llmtune import hub
 from llmtune.config import DEMO_MODEL_PATH, did_you_mean
 from llmtune.errors import LlmtuneError
 from llmtune.model.hf import require_safetensors
-
-TOKEN_ADVICE = (
-    "If the model is gated or private, accept its terms on its Hub page and set HF_TOKEN to a token that can read "
-    "it (huggingface.co/settings/tokens)."
-)
-
 
 class ModelSourceError(LlmtuneError, ValueError):
     """`model.name` names no model this run can load; the message says what to change."""
@@ -82,7 +74,6 @@ def _check_local_folder(path: Path) -> None:
 
 
 def _check_hub_model(name: str, revision: str | None) -> None:
-    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
@@ -93,59 +84,7 @@ def _check_hub_model(name: str, revision: str | None) -> None:
             f"model.name: '{name}' is neither a local model folder nor a Hub id (owner/name). Check the path "
             "(relative to the project root) or use a Hub id like meta-llama/Llama-3.2-1B-Instruct."
         ) from None
-
-    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision, cache_dir=_hub_cache()), str):
-        return  # downloaded before: loads offline too
-    if _offline():
-        raise ModelSourceError(
-            f"model.name: '{name}' is not a local folder and not in the Hugging Face cache ({_hub_cache()}), and "
-            "HF_HUB_OFFLINE is set, so it cannot be downloaded. Download it once with network access (hf download "
-            f"{name}), or point model.name at a local model folder. {TOKEN_ADVICE}"
-        )
-    _check_hub_access(name)
-
-
-def _check_hub_access(name: str) -> None:
-    """Ask the Hub whether this token may read `name` (a wrong revision is left to the loader's message)."""
-    import httpx
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)  # read now: a test or mirror may set it late
     try:
-        api.auth_check(name)
-    except GatedRepoError:
-        raise ModelSourceError(
-            f"model.name: '{name}' is a gated Hub model and this token may not read it"
-            f"{'' if os.environ.get('HF_TOKEN') else ' (HF_TOKEN is not set)'}. Accept its terms on "
-            f"https://huggingface.co/{name}, then set HF_TOKEN to a token of that account."
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelSourceError(
-            f"model.name: '{name}' is neither a local folder nor a Hub model this token can see. Check the spelling "
-            f"(a local path is relative to the project root). {TOKEN_ADVICE}"
-        ) from None
-    except HfHubHTTPError as err:
-        raise ModelSourceError(
-            f"model.name: the Hub refused '{name}' ({err}). {TOKEN_ADVICE}".replace("\n", " ")
-        ) from None
-    except (httpx.HTTPError, OfflineModeIsEnabled) as err:  # no connection, DNS, timeout
-        raise _unreachable(name, err) from None
-
-
-def _unreachable(name: str, err: BaseException) -> ModelSourceError:
-    return ModelSourceError(
-        f"model.name: '{name}' is not in the Hugging Face cache and the Hub cannot be reached ({type(err).__name__}: "
-        f"{err}). Run once with network access to download it, set HF_ENDPOINT to a reachable mirror, or point "
-        "model.name at a local model folder."
-    )
-
-
-def _hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+        hub.check_readable(hub.HubRepo(name, "model", "model.name", revision))
+    except hub.HubAccessError as err:
+        raise ModelSourceError(str(err)) from None
