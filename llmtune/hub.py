@@ -86,7 +86,8 @@ def _datasets_cache_dirs(name: str) -> list[str]:
     root = os.environ.get("HF_DATASETS_CACHE") or str(config.HF_DATASETS_CACHE)  # read now: a test may set it late
     *owner, dataset = name.split("/")
     folder = "___".join([*owner, camelcase_to_snakecase(dataset)])
-    return [path for path in glob.glob(os.path.join(os.path.expanduser(root), folder, "*", "*", "*")) if os.path.isdir(path)]
+    found = glob.glob(os.path.join(os.path.expanduser(root), folder, "*", "*", "*"))
+    return [path for path in found if os.path.isdir(path)]
 
 
 def _ask_the_hub(repo: HubRepo) -> None:
@@ -111,7 +112,8 @@ def _ask_the_hub(repo: HubRepo) -> None:
             f"the spelling of the id or path. {advice}"
         ) from None
     except HfHubHTTPError as err:
-        raise HubAccessError(f"{repo.field}: the Hub refused '{repo.name}' ({err}). {advice}".replace("\n", " ")) from None
+        refused = f"{repo.field}: the Hub refused '{repo.name}' ({err}). {advice}"
+        raise HubAccessError(refused.replace("\n", " ")) from None
     except (httpx.HTTPError, OfflineModeIsEnabled) as err:  # no connection, DNS, timeout
         raise HubAccessError(
             f"{repo.field}: '{repo.name}' is not in the Hugging Face cache and the Hub cannot be reached "

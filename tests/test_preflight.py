@@ -186,7 +186,7 @@ def test_a_hub_dataset_in_a_mix_must_be_readable_with_this_token(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_ENDPOINT", access_hub)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    mix = {"source": None, "sources": [{"source": str(rows_file)}, {"source": dataset}]}
+    mix: dict[str, object] = {"source": None, "sources": [{"source": str(rows_file)}, {"source": dataset}]}
     if must_mention is None:
         preflight(rows_file, tiny_model_dir, data=mix)
         return

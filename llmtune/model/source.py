@@ -24,6 +24,7 @@ from llmtune.config import DEMO_MODEL_PATH, did_you_mean
 from llmtune.errors import LlmtuneError
 from llmtune.model.hf import require_safetensors
 
+
 class ModelSourceError(LlmtuneError, ValueError):
     """`model.name` names no model this run can load; the message says what to change."""
 
