@@ -30,6 +30,18 @@ def mlflow_run_id(run_name: str, experiment: str = EXPERIMENT) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def _runs_view_lines(experiment: str) -> list[str]:
+    """The link to the experiment's runs table with the key columns (the view the pipeline saves)."""
+    import mlflow
+
+    from steps.tracking import runs_view_url
+
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return [f"  then open:    {runs_view_url('http://127.0.0.1:5000', found.experiment_id)}"]
+
+
 def print_summary(run_id: Any, console: Console | None = None, champion_version: str | None = None) -> None:
     """Steps, base vs tuned (and production), where the outputs went; `champion_version` names production when
     the run has no gate of its own to say it (the evaluate pipeline)."""
@@ -54,6 +66,7 @@ def print_summary(run_id: Any, console: Console | None = None, champion_version:
         *(_export_lines(export) if "merge_check_max_logit_gap" in export else []),
         f"MLflow:       experiment '{experiment}', run {mlflow_run_id(run.name, experiment) or '(none: all cached)'}",
         f"  open the UI:  mlflow ui --backend-store-uri {mlflow_tracking_uri()}",
+        *_runs_view_lines(experiment),
         f"ZenML:        run {run.name}",
         "  dashboard:    zenml login --local   (then open the printed URL)",
         *_model_version_lines(run),

@@ -8,6 +8,7 @@ tracker (or a test without a stack) records metadata and skips the rest.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -45,6 +46,10 @@ LOGGED_KEY = "mlflow_logged"
 REPLAYED_TAG = "llmtune.replayed_cached_steps"
 # MLflow 3's UI opens an experiment of this kind on its runs (training), not on GenAI traces.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A saved view of the runs table (what the UI's Share button stores as an experiment tag and opens from
+# `?viewStateShareKey=`): the columns a fine-tuning run is judged by, without picking them by hand.
+RUNS_VIEW_KEY = "llmtune"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
 
 
 def record(
@@ -171,6 +176,36 @@ def alias_registered_version(name: str, alias: str, version: str) -> None:
     mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
 
 
+def runs_view_columns(gate_metric: str) -> list[str]:
+    """The runs table's columns for the saved view, in the UI's `<type>.`<key>`` form: final train loss, base
+    and tuned eval loss and gate metric, the verdict.
+
+    >>> runs_view_columns("exact_match")[-3:]
+    ['metrics.`base_exact_match`', 'metrics.`tuned_exact_match`', 'tags.`llmtune.verdict`']
+    """
+    metrics = ["final_train_loss", "base_eval_loss", "tuned_eval_loss"]
+    if gate_metric != "eval_loss":
+        metrics += [f"base_{gate_metric}", f"tuned_{gate_metric}"]
+    return [*(f"metrics.`{name}`" for name in metrics), "tags.`llmtune.verdict`"]
+
+
+def save_runs_view(gate_metric: str) -> None:
+    """Store the runs table view on the active run's experiment (`runs_view_url` opens it)."""
+    if mlflow.active_run() is None:
+        return
+    view = {"selectedColumns": runs_view_columns(gate_metric)}
+    mlflow.set_experiment_tag(RUNS_VIEW_TAG, json.dumps(view))
+
+
+def runs_view_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs in the saved view.
+
+    >>> runs_view_url("http://127.0.0.1:5000", "1")
+    'http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=llmtune'
+    """
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_KEY}"
+
+
 def log_run_config_params(cfg: RunConfig) -> None:
     """Every section of the run's config as MLflow params, from the one step that always runs.
 
@@ -189,6 +224,7 @@ def log_run_config_params(cfg: RunConfig) -> None:
     if missing:
         mlflow.log_params(missing)
     mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    save_runs_view(cfg.promotion.metric)
 
 
 def leave_user_error(exception: BaseException) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,34 +22,12 @@ from typing import Any
 
 import pytest
 
+from tests.browser import PAGE_TIMEOUT, chromium, click_text, free_port, require_browser, wait_for_text
 from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-PAGE_TIMEOUT = 90  # seconds: the dashboard is a single-page app that loads data after the page; CI has 2 cores
-
-
-def require_browser() -> None:
-    missing = [name for name, found in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not found]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium (pip)")
-    if not missing:
-        return
-    message = f"missing {', '.join(missing)}: apt-get install chromium chromium-driver; pip install selenium"
-    if os.environ.get("LLMTUNE_REQUIRE_TOOLS"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def zenml_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -101,18 +77,8 @@ def pipeline_run(server: dict[str, Any], tiny_model_dir: Path, rows_file: Path, 
 
 @pytest.fixture(scope="module")
 def browser(server: dict[str, Any]) -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
+    with chromium() as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(scope="module")
@@ -121,26 +87,6 @@ def run_page(browser: Any, server: dict[str, Any], pipeline_run: dict[str, Any])
     browser.get(f"{server['url']}/projects/default/runs/{pipeline_run['id']}")
     wait_for_text(browser, [pipeline_run["name"], *FINETUNE_STEPS])
     return browser
-
-
-def wait_for_text(driver: Any, texts: list[str], within: Any = None) -> str:
-    """Wait until every text is on the page (or in `within`); return the text seen."""
-    from selenium.webdriver.common.by import By
-
-    deadline, seen = time.monotonic() + PAGE_TIMEOUT, ""
-    while time.monotonic() < deadline:
-        seen = (within or driver.find_element(By.TAG_NAME, "body")).text
-        if all(text in seen for text in texts):
-            return seen
-        time.sleep(1)
-    missing = [text for text in texts if text not in seen]
-    raise AssertionError(f"not shown after {PAGE_TIMEOUT}s: {missing}\n--- page text ---\n{seen[:3000]}")
-
-
-def click_text(driver: Any, text: str, within: Any = None) -> None:
-    from selenium.webdriver.common.by import By
-
-    (within or driver).find_element(By.XPATH, f".//*[normalize-space(text())='{text}']").click()
 
 
 def open_panel(driver: Any) -> Any:

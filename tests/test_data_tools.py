@@ -74,6 +74,8 @@ def test_eval_reference_of_a_final_tool_call_is_the_call_as_rendered(tmp_path: P
     prepare(cfg, tools_tokenizer, tmp_path / "out")
     [prompt] = PreparedData(str(tmp_path / "out")).eval_prompts()
     assert prompt["prompt"].endswith("<|im_start|>assistant\n")
+    asked = next(r["messages"][0]["content"] for r in rows[:3] if r["messages"][0]["content"] in prompt["prompt"])
+    assert prompt["instruction"] == asked.strip(), "the user's words, for the samples table, without markup"
     assert (
         prompt["reference"].startswith('<tool_call>\n{"name": "get_weather"')
         and "<|im_end|>" not in prompt["reference"]

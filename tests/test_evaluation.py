@@ -152,7 +152,12 @@ def test_compare_scores_base_and_tuned_and_builds_the_samples_table(
         assert {f"{name}_{m}" for m in ("eval_loss", "perplexity", *metrics.METRIC_NAMES)} <= set(report)
     assert report["base_eval_loss"] != report["tuned_eval_loss"], "the adapter is switched off for the base"
     samples = report["samples"]
-    assert [s["prompt"] for s in samples] == [p["prompt"] for p in eval_prompts[:5]]
+    assert [s["prompt"] for s in samples] == [p["prompt"] for p in eval_prompts[:5]]  # rendered, for reference
+    assert [s["instruction"] for s in samples] == [p["instruction"] for p in eval_prompts[:5]]
+    assert all("<|im_start|>" in s["prompt"] and "<|im_start|>" not in s["instruction"] for s in samples)
+    assert all(s["instruction"] and s["instruction"] in s["prompt"] for s in samples)
+    columns = list(scoring.sample_columns(report))
+    assert columns[:4] == ["instruction", "reference", "base", "tuned"] and columns[-1] == "prompt"
     assert [s["reference"] for s in samples] == [p["reference"] for p in eval_prompts[:5]]
     assert any(s["base"] != s["tuned"] for s in samples)
     for name in ("base", "tuned"):
@@ -168,13 +173,19 @@ def test_samples_html_escapes_text_and_shows_every_column() -> None:
     report = scoring.EvalReport(
         base_chrf=0.25,
         tuned_chrf=0.75,
-        samples=scoring.build_samples(["<b>q</b>"], ["x & y"], ["z"], ["x & y"], ["chrf"]),
+        samples=[
+            {**row, "prompt": "<|im_start|>user\n<b>q</b>"}
+            for row in scoring.build_samples(["<b>q</b>"], ["x & y"], ["z"], ["x & y"], ["chrf"])
+        ],
     )
     page = scoring.samples_html(report)
     assert "&lt;b&gt;q&lt;/b&gt;" in page and "<b>q</b>" not in page
-    assert "<td>chrf</td><td>0.25</td><td>0.75</td>" in page
-    for column in ("prompt", "reference", "base", "tuned", "base_chrf", "tuned_chrf"):
+    assert "<td>chrf</td><td class='num'>0.25</td><td class='num'>0.75</td>" in page
+    for column in ("instruction", "reference", "base", "tuned", "base_chrf", "tuned_chrf", "prompt"):
         assert f"<th>{column}</th>" in page
+    # in a fixed-size frame (dashboard, MLflow): the table scrolls in its own box, the rendered prompt is folded
+    assert "<div class='scroll'><table>" in page and ".scroll{overflow:auto" in page
+    assert "<details><summary>rendered prompt</summary>&lt;|im_start|&gt;user" in page
 
 
 # --- the LLM judge against a local OpenAI-compatible server ---------------------------------------------------

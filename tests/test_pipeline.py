@@ -221,3 +221,24 @@ def test_summary_says_how_to_list_model_versions_and_stages(first_run: dict) -> 
     version = first_run["run"].model_version
     assert f"model:        {version.model.name} version {version.number}; all versions and stages: " in out.getvalue()
     assert f"zenml model version list --model={version.model.name}" in out.getvalue()
+
+
+def test_summary_links_the_mlflow_runs_view_that_the_run_saved(first_run: dict) -> None:
+    import io
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    from cli.stack import mlflow_tracking_uri
+    from cli.summary import print_summary
+    from steps.tracking import RUNS_VIEW_TAG, runs_view_columns
+
+    out = io.StringIO()
+    print_summary(first_run["run"].id, console=Console(file=out, width=250))
+    experiment = MlflowClient(tracking_uri=mlflow_tracking_uri()).get_experiment_by_name("finetune")
+    assert experiment is not None
+    link = f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=llmtune"
+    assert f"then open:    http://127.0.0.1:5000/{link}" in out.getvalue()
+    view = json.loads(experiment.tags[RUNS_VIEW_TAG])
+    assert view["selectedColumns"] == runs_view_columns("eval_loss")  # the tiny runs' gate metric

@@ -186,6 +186,19 @@ def prompt_for_last_answer(tokenizer: Any, example: Example) -> tuple[str, str]:
     return through[:start], answer[: len(answer) - len(ending)].strip()
 
 
+def instruction_for_last_answer(example: Example) -> str:
+    """What the last trained answer replies to, as plain text without template markup: the user turn before it
+    (or, when none, the nearest earlier turn), for tables where the rendered prompt would hide it.
+
+    >>> instruction_for_last_answer(Example(turns=(("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"))))
+    '2+2?'
+    """
+    last = max(i for i, turn in enumerate(example.turns) if turn.is_answer)
+    before = example.turns[:last]
+    asked = [turn for turn in before if turn.role == "user"] or list(before)
+    return asked[-1].content.strip() if asked else ""
+
+
 def encode_examples(tokenizer: Any, examples: Sequence[Example], responses_only: bool) -> list[Encoded]:
     """Token ids and labels for each example; a conversation the template refuses raises DataError naming its row."""
     encoded, _ = encode_kept(tokenizer, examples, responses_only, ErrorLog("raise"))

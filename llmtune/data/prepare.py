@@ -25,7 +25,7 @@ from typing import Any
 from llmtune.artifacts import PreparedData
 from llmtune.config import DataConfig, DataEntry
 from llmtune.data import report
-from llmtune.data.encode import Encoded, encode_kept, prompt_for_last_answer
+from llmtune.data.encode import Encoded, encode_kept, instruction_for_last_answer, prompt_for_last_answer
 from llmtune.data.errors import DataError, ErrorLog
 from llmtune.data.formats import Example, detect_format, to_example, used_columns
 from llmtune.data.mix import MixPlan, after_fraction, plan_mix
@@ -563,7 +563,8 @@ def _write(
         for example in eval_ex:
             if not example.is_text:
                 prompt, reference = prompt_for_last_answer(tokenizer, example)
-                f.write(json.dumps({"prompt": prompt, "reference": reference}, ensure_ascii=False) + "\n")
+                row = {"instruction": instruction_for_last_answer(example), "prompt": prompt, "reference": reference}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tokenizer.save_pretrained(str(out.tokenizer_dir))
 
 

@@ -93,7 +93,8 @@ def add_judge_scores(report: dict[str, Any], judge: Judge) -> None:
     present = ("base", "tuned", "champion") if samples and "champion" in samples[0] else ("base", "tuned")
     for name in present:
         for sample in samples:
-            sample[f"{name}_judge"] = round(score_answer(judge, sample["prompt"], sample["reference"], sample[name]), 4)
+            asked = sample.get("prompt") or sample["instruction"]  # the rendered prompt keeps earlier turns
+            sample[f"{name}_judge"] = round(score_answer(judge, asked, sample["reference"], sample[name]), 4)
         mean = sum(s[f"{name}_judge"] for s in samples) / len(samples) if samples else 0.0
         report[f"{name}_judge_score"] = round(mean, 4)
 

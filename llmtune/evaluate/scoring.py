@@ -8,13 +8,13 @@ ends an answer, not only EOS). With `evaluation.score_final_answer` a reasoning 
 is scored apart: the metrics see the final answer, the samples table keeps the reasoning. The
 metrics chosen in `evaluation.metrics` (see `llmtune.evaluate.metrics`) score each answer; exact match is
 always reported. The result is an `EvalReport`: a dict of metrics plus `samples`, one row per
-generation prompt (prompt, reference, base and tuned answer, per-sample scores).
+generation prompt (instruction, reference, base and tuned answer, per-sample scores, rendered prompt).
 
 Example:
-    >>> report = EvalReport(samples=[{"prompt": "2+2?", "reference": "4", "base": "5", "tuned": "4"}])
+    >>> report = EvalReport(samples=[{"instruction": "2+2?", "reference": "4", "base": "5", "tuned": "4"}])
     >>> sample_columns(report)["tuned"]
     ['4']
-    >>> "<td>2+2?</td>" in samples_html(report)
+    >>> "<td class='text'>2+2?</td>" in samples_html(report)
     True
 """
 
@@ -32,7 +32,8 @@ from llmtune.config import EvaluationConfig
 from llmtune.data.templates import end_of_turn_ids
 from llmtune.evaluate import metrics as metric_lib
 
-SAMPLE_TEXT_COLUMNS = ("prompt", "reference", "base", "tuned")
+SAMPLE_TEXT_COLUMNS = ("instruction", "reference", "base", "tuned")
+RENDERED_PROMPT = "prompt"  # the last column: the prompt as the model saw it, template markup included
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the reasoning block of Qwen3, DeepSeek-R1 and QwQ
 
 
@@ -134,6 +135,7 @@ def compare(
     rows = eval_dataset.select(range(min(len(eval_dataset), cfg.max_eval_rows or len(eval_dataset))))
     prompts = eval_prompts[: cfg.num_generation_prompts]
     texts, references = [p["prompt"] for p in prompts], [p["reference"] for p in prompts]
+    instructions = [p.get("instruction", p["prompt"]) for p in prompts]  # data prepared before it was kept
     chosen = report_metrics(cfg)
     report = EvalReport()
     outputs: dict[str, list[str]] = {}
@@ -144,7 +146,7 @@ def compare(
     report["eval_rows"], report["generation_prompts"] = len(rows), len(prompts)
     report["metrics"] = chosen
     final = {name: [scored_answer(a, cfg) for a in answers] for name, answers in outputs.items()}
-    report["samples"] = build_samples(texts, references, final["base"], final["tuned"], chosen)
+    report["samples"] = build_samples(instructions, references, final["base"], final["tuned"], chosen)
     if champion_adapter:
         with _other_adapter(model, champion_adapter, "champion"):
             scores, outputs["champion"] = score(model, tokenizer, rows, texts, references, cfg, label="production")
@@ -153,7 +155,8 @@ def compare(
             {**{k: row[k] for k in SAMPLE_TEXT_COLUMNS}, "champion": scored_answer(answer, cfg), **row}
             for row, answer in zip(report["samples"], outputs["champion"], strict=True)
         ]
-    report["samples"] = with_reasoning(report["samples"], outputs, cfg)
+    samples = with_reasoning(report["samples"], outputs, cfg)
+    report["samples"] = [{**row, RENDERED_PROMPT: text} for row, text in zip(samples, texts, strict=True)]
     return report
 
 
@@ -229,17 +232,19 @@ def report_metrics(cfg: EvaluationConfig) -> list[str]:
 
 
 def build_samples(
-    prompts: list[str], references: list[str], base: list[str], tuned: list[str], metrics: list[str]
+    instructions: list[str], references: list[str], base: list[str], tuned: list[str], metrics: list[str]
 ) -> list[dict[str, Any]]:
-    """One row per prompt: the texts side by side, then base_<metric> and tuned_<metric> per sample.
+    """One row per prompt: the instruction (no template markup), the texts side by side, then base_<metric> and
+    tuned_<metric> per sample.
 
     >>> row = build_samples(["q"], ["a b"], ["a"], ["a b"], ["exact_match"])[0]
     >>> row["base"], row["base_exact_match"], row["tuned_exact_match"]
     ('a', 0.0, 1.0)
     """
     samples = []
-    for prompt, reference, base_answer, tuned_answer in zip(prompts, references, base, tuned, strict=True):
-        row: dict[str, Any] = {"prompt": prompt, "reference": reference, "base": base_answer, "tuned": tuned_answer}
+    for instruction, reference, base_answer, tuned_answer in zip(instructions, references, base, tuned, strict=True):
+        row: dict[str, Any] = {"instruction": instruction, "reference": reference, "base": base_answer}
+        row["tuned"] = tuned_answer
         for name, answer in (("base", base_answer), ("tuned", tuned_answer)):
             row.update({f"{name}_{k}": v for k, v in metric_lib.sample_scores(answer, reference, metrics).items()})
         samples.append(row)
@@ -247,10 +252,23 @@ def build_samples(
 
 
 def sample_columns(report: dict[str, Any]) -> dict[str, list[Any]]:
-    """The samples as columns (for `mlflow.log_table`); every row has the same keys."""
+    """The samples as columns (for `mlflow.log_table`); every row has the same keys, the rendered prompt last."""
     samples = report.get("samples") or []
     keys = list(samples[0]) if samples else list(SAMPLE_TEXT_COLUMNS)
+    keys = [k for k in keys if k != RENDERED_PROMPT] + [k for k in keys if k == RENDERED_PROMPT]
     return {key: [row.get(key) for row in samples] for key in keys}
+
+
+# The page is shown in frames of fixed size (the ZenML dashboard's visualization panel, MLflow's artifact
+# viewer): the samples table scrolls inside its own box with the header row kept in view, text columns get a
+# readable width and wrap, score columns stay narrow, and the long rendered prompt is folded.
+SAMPLES_CSS = (
+    "body{font:13px sans-serif;margin:8px}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;text-align:left}"
+    ".scroll{overflow:auto;max-height:80vh;max-width:100%}.scroll th{position:sticky;top:0;background:#f4f4f4}"
+    "td.text{min-width:12em;max-width:28em;white-space:pre-wrap;overflow-wrap:anywhere}"
+    "td.num{white-space:nowrap;text-align:right}summary{cursor:pointer;color:#555}"
+)
 
 
 def samples_html(report: dict[str, Any]) -> str:
@@ -258,21 +276,28 @@ def samples_html(report: dict[str, Any]) -> str:
     columns = sample_columns(report)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{_cell(columns[k][i])}</td>" for k in columns) + "</tr>"
+        "<tr>" + "".join(_sample_cell(k, columns[k][i]) for k in columns) + "</tr>"
         for i in range(len(next(iter(columns.values()), [])))
     )
     summary = "".join(
-        f"<tr><td>{html.escape(k.removeprefix('base_'))}</td><td>{_cell(v)}</td>"
-        f"<td>{_cell(report.get('tuned_' + k.removeprefix('base_')))}</td></tr>"
+        f"<tr><td>{html.escape(k.removeprefix('base_'))}</td><td class='num'>{_cell(v)}</td>"
+        f"<td class='num'>{_cell(report.get('tuned_' + k.removeprefix('base_')))}</td></tr>"
         for k, v in report.items()
         if k.startswith("base_")
     )
     return (
-        "<html><head><meta charset='utf-8'><style>table{border-collapse:collapse;font:13px sans-serif}"
-        "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;white-space:pre-wrap}</style></head><body>"
+        f"<html><head><meta charset='utf-8'><style>{SAMPLES_CSS}</style></head><body>"
         f"<h3>Base vs tuned</h3><table><tr><th>metric</th><th>base</th><th>tuned</th></tr>{summary}</table>"
-        f"<h3>Samples</h3><table><tr>{head}</tr>{body}</table></body></html>"
+        f"<h3>Samples</h3><div class='scroll'><table><tr>{head}</tr>{body}</table></div></body></html>"
     )
+
+
+def _sample_cell(column: str, value: Any) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"<td class='num'>{_cell(value)}</td>"
+    if column == RENDERED_PROMPT:
+        return f"<td class='text'><details><summary>rendered prompt</summary>{_cell(value)}</details></td>"
+    return f"<td class='text'>{_cell(value)}</td>"
 
 
 def _cell(value: Any) -> str:
