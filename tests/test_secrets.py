@@ -15,6 +15,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -308,6 +309,10 @@ def test_both_secrets_were_really_used(planted_run: dict[str, Any]) -> None:
     assert all(r["auth"] == f"Bearer {HUB_TOKEN}" for r in AcceptingHub.requests), "the token came from HF_TOKEN"
     export = planted_run["run"].steps["merge_and_push"].run_metadata
     assert export["hub_commit_url"].endswith(f"/me/tuned/commit/{'c' * 40}")
+    # the push says what it sends before the upload starts and how long it took (the step log shows both)
+    assert re.search(r"push: \d+ files \([\d.,]+ MiB\) to the Hub repo me/tuned \.\.\.", planted_run["stdout"])
+    assert re.search(r"push: done in [\d.]+ s: \S+/me/tuned/commit/", planted_run["stdout"])
+    assert re.search(r"export: write: 100%.*\d+(\.\d+)?[kMG]?B/", planted_run["stdout"]), "local copy progress"
 
 
 @pytest.mark.pipeline

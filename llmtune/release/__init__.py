@@ -36,11 +36,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmtune import progress
 from llmtune.artifacts import PreparedData, TrainingReport
 from llmtune.config import RunConfig
 from llmtune.release import card, gguf_check, publish
 from llmtune.release.check import CheckInputs, MergeCheckFailed, check_merge, ensure_passed
-from llmtune.release.formats import FOLDER_NAMES, copy_tree, write_formats, write_gguf
+from llmtune.release.formats import FOLDER_NAMES, copy_tree, tree_bytes, write_formats, write_gguf
 from llmtune.release.gguf_check import GgufCheckFailed
 from llmtune.release.merge import merge_streaming
 from llmtune.release.weights import ExportError, resolve_base_checkpoint
@@ -180,8 +181,10 @@ def write_local(folders: dict[str, Path], output_dir: str | None, run_name: str)
         return {}
     dest = Path(output_dir) / run_name
     staging = fresh_staging_folder(Path(output_dir), run_name)
-    for folder in folders.values():
-        copy_tree(folder, staging / folder.name)
+    total = sum(tree_bytes(folder) for folder in folders.values())
+    with progress.bar(total=total, desc="export: write", unit="B", unit_scale=True, unit_divisor=1024) as shown:
+        for folder in folders.values():
+            copy_tree(folder, staging / folder.name, shown)
     if dest.exists():  # a re-export under the same run name replaces the earlier one whole
         shutil.rmtree(dest)
     os.replace(staging, dest)  # one rename: `dest` appears complete or not at all

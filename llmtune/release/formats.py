@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,13 +72,23 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, cfg: ModelConfi
     return out
 
 
-def copy_tree(src: str | Path, dst: str | Path) -> Path:
-    """Copy a folder, replacing what is at `dst`."""
+def copy_tree(src: str | Path, dst: str | Path, shown: Any = None) -> Path:
+    """Copy a folder, replacing what is at `dst`; with `shown` (a progress bar in bytes), count each file copied."""
     dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+
+    def copy_counted(source: str, target: str) -> None:
+        shutil.copy2(source, target)
+        if shown is not None:
+            shown.update(os.path.getsize(source))
+
+    shutil.copytree(src, dst, copy_function=copy_counted)
     return dst
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def write_gguf(merged_dir: Path, tokenizer: Any, cfg: ExportConfig, work_dir: Path, name: str) -> dict[str, Path]:

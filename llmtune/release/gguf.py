@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmtune import progress
 from llmtune.release.weights import ExportError, base_tensor_files, read_header, read_tensor
 
 # export.gguf_types: the types the gguf package can write (it has no K-quant quantizer, so no q4_k_m).
@@ -277,7 +278,6 @@ def nbytes(planned: PlannedTensor) -> int:
 def convert(merged_dir: str | Path, tokenizer: Any, out_path: str | Path, gguf_type: str, name: str) -> dict:
     """Write the merged model in `merged_dir` as a GGUF file of `gguf_type` with the training tokenizer."""
     import numpy as np
-    from tqdm.auto import tqdm
 
     gguf = gguf_types_module()
     if gguf_type not in GGUF_TYPES:
@@ -298,8 +298,10 @@ def convert(merged_dir: str | Path, tokenizer: Any, out_path: str | Path, gguf_t
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for planned in tqdm(plan, desc=f"GGUF {gguf_type}", unit="tensor", leave=False):
-            writer.write_tensor_data(encode(source_tensor(planned, entries, config), planned.ggml_type))
+        with progress.bar(total=len(plan), desc=f"export: GGUF {gguf_type}", unit="tensor") as shown:
+            for planned in plan:
+                writer.write_tensor_data(encode(source_tensor(planned, entries, config), planned.ggml_type))
+                shown.update(1)
     finally:
         writer.close()
     return {

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,14 @@ def push_to_hub(
         operations = folder_operations(Path(folder), "")
         for prefix, extra_folder in (extra or {}).items():
             operations += folder_operations(extra_folder, prefix + "/")
+        size = sum(Path(op.path_or_fileobj).stat().st_size for op in operations)
+        # huggingface_hub draws its own bars for the large files; these lines frame them in the step log
+        print(f"push: {len(operations)} files ({size / 2**20:,.1f} MiB) to the Hub repo {repo_id} ...", flush=True)
+        started = time.perf_counter()
         info = api.create_commit(repo_id=repo_id, operations=operations, commit_message=message, repo_type="model")
     except Exception as err:  # httpx, HfHubHTTPError, OfflineModeIsEnabled...: one clear message for all
         raise PublishError(_explain_hub_failure(err, repo_id, folder, token, endpoint)) from None
+    print(f"push: done in {time.perf_counter() - started:.1f} s: {info.commit_url}", flush=True)
     return str(info.commit_url)
 
 
