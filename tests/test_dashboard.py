@@ -154,3 +154,30 @@ def test_dataset_visualization_shows_counts_and_token_length_histogram(
     counts = step_metadata(server, pipeline_run["id"], "prepare_dataset")
     assert f"<th>rows kept</th><td>{counts['rows_kept']}</td>" in page
     assert f"{counts['train_rows']} / {counts['eval_rows']}" in page
+
+
+def test_eval_report_visualization_scrolls_inside_its_frame_and_leads_with_the_instruction(run_page: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    run_page.refresh()  # an earlier test's details panel would cover the node
+    wait_for_text(run_page, ["EvalReport", "merge_and_push"])
+    click_text(run_page, "EvalReport")
+    panel = open_panel(run_page)
+    wait_for_text(run_page, ["eval_report"], within=panel)
+    click_text(run_page, "Visualization", within=panel)
+    wait_for_text(run_page, ["Load Preview"], within=panel)
+    click_text(run_page, "Load Preview", within=panel)
+    deadline = time.monotonic() + PAGE_TIMEOUT
+    while not (frames := panel.find_elements(By.TAG_NAME, "iframe")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert frames, f"no visualization rendered:\n{panel.text[:2000]}"
+    page = frames[0].get_attribute("srcdoc")
+    assert "<h3>Samples</h3><div class='scroll'><table><tr><th>instruction</th><th>reference</th>" in page
+    run_page.switch_to.frame(frames[0])
+    try:  # the dashboard's frame is short: the table must scroll in its own box, not be cut off
+        box = run_page.execute_script(
+            "const s = document.querySelector('.scroll'); return [getComputedStyle(s).overflow, s.scrollWidth];"
+        )
+    finally:
+        run_page.switch_to.default_content()
+    assert box[0] == "auto" and box[1] > 0, box
