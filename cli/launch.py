@@ -88,6 +88,8 @@ def release_model_version(run_name: str) -> None:
     except KeyError:  # the run never started (an error before the orchestrator created it)
         return
     version, trained = run.model_version, run.steps.get("train_sft")
+    if run.status.value not in ("failed", "stopped"):  # e.g. still running on a remote orchestrator
+        return
     if version is None or set(version.pipeline_run_ids) - {run_name}:
         return
     if trained is not None and trained.status.value in ("completed", "cached"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cli import compare, compare_runs
+from tests.browser import free_port
 
 T0 = 1_790_000_000_000  # start times in ms, one second apart, so "newest first" has one answer
 SHARED = {"lora.r": "16", "data.fingerprint": "df98fa0a2cad179c"}
@@ -229,12 +229,6 @@ def test_default_store_is_the_project_stacks_tracker(
     assert data["tracking_uri"] == uri
     assert [run["run_id"] for run in data["runs"]] == [run_id]
     assert compare_runs.main(["--experiment", "finetune-never-run"]) == 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def get_json(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

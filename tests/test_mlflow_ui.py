@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import pytest
 
 from tests.browser import chromium, free_port, require_browser, wait_for_text
 from tests.conftest import tiny_run_overrides
+from tests.test_compare import start_mlflow_ui, stop, wait_until_up
 
 pytestmark = pytest.mark.pipeline
 
@@ -57,27 +55,15 @@ def tracked(tiny_model_dir: Path, rows_file: Path, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture(scope="module")
-def ui(tracked: dict[str, Any]) -> Iterator[str]:
+def ui(tracked: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-    args = [mlflow_cli, "ui", "--backend-store-uri", tracked["uri"], "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_mlflow_ui(tracked["uri"], port, tmp_path_factory.mktemp("mlflow-ui"))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("mlflow ui did not answer /health within 120 s")
+        wait_until_up(server, url, timeout_s=120)
         yield url
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
 
 
 @pytest.fixture(scope="module")
