@@ -48,6 +48,8 @@ def quiet_network_env() -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from cli.config_options import add_config_options
+
     parser = argparse.ArgumentParser(
         description="QLoRA fine-tuning pipeline (ZenML + MLflow).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -59,20 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="finetune",
         help="which pipeline to run: " + "; ".join(f"{name} = {what}" for name, what in PIPELINES.items()),
     )
-    parser.add_argument(
-        "--config",
-        default=DEFAULT_CONFIG,
-        help="YAML run config (default: configs/finetune.yaml)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value; repeatable, e.g. --set training.max_steps=5 "
-        "(python run.py config lists every key with its description and default)",
-    )
+    add_config_options(parser, DEFAULT_CONFIG)
     parser.add_argument("--no-cache", action="store_true", help="re-run every step instead of reusing results")
     parser.add_argument(
         "--recipe",

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from cli.config_options import add_config_options
 from llmtune.config import RunConfig, annotated_yaml, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,15 +26,7 @@ def parse_args(argv: list[str], default_config: str) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--config", default=default_config, help="YAML run config (default: configs/finetune.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value, as for a run; repeatable",
-    )
+    add_config_options(parser, default_config)
     parser.add_argument("--schema", action="store_true", help="print the JSON Schema of the config instead")
     return parser.parse_args(argv)
 
