@@ -74,6 +74,18 @@ def wait_for_text(driver: Any, texts: list[str], within: Any = None) -> str:
     raise AssertionError(f"not shown after {PAGE_TIMEOUT}s: {missing}\n--- page text ---\n{seen[:3000]}")
 
 
+def wait_for_elements(within: Any, css: str, what: str, timeout: float = PAGE_TIMEOUT) -> list[Any]:
+    """The elements matching `css` inside `within` (the driver or an element), once there is at least one."""
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + timeout
+    while not (found := within.find_elements(By.CSS_SELECTOR, css)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not found:
+        raise AssertionError(f"no {what} after {timeout:.0f}s:\n{within.find_element(By.XPATH, '.').text[:2000]}")
+    return list(found)
+
+
 def click_text(driver: Any, text: str, within: Any = None) -> None:
     from selenium.webdriver.common.by import By
 

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser import PAGE_TIMEOUT, chromium, click_text, free_port, require_browser, wait_for_text
+from tests.browser import chromium, click_text, free_port, require_browser, wait_for_elements, wait_for_text
 from tests.conftest import FINETUNE_STEPS, tiny_run_overrides
 
 pytestmark = pytest.mark.pipeline
@@ -91,15 +90,16 @@ def run_page(browser: Any, server: dict[str, Any], pipeline_run: dict[str, Any])
 
 def open_panel(driver: Any) -> Any:
     """The details panel (a dialog) that the dashboard opens beside the DAG."""
-    from selenium.webdriver.common.by import By
+    return wait_for_elements(driver, "[role=dialog]", "details panel")[-1]
 
-    deadline = time.monotonic() + PAGE_TIMEOUT
-    while time.monotonic() < deadline:
-        panels = driver.find_elements(By.CSS_SELECTOR, "[role=dialog]")
-        if panels:
-            return panels[-1]
-        time.sleep(0.5)
-    raise AssertionError("no details panel opened")
+
+def load_preview(driver: Any, panel: Any) -> Any:
+    """The panel's Visualization tab, loaded: the dashboard shows an HTML visualization after the user agrees to
+    load it, in a sandboxed iframe, which is returned (its `srcdoc` is the HTML fetched from the server)."""
+    click_text(driver, "Visualization", within=panel)
+    wait_for_text(driver, ["Load Preview"], within=panel)
+    click_text(driver, "Load Preview", within=panel)
+    return wait_for_elements(panel, "iframe", "visualization rendered")[0]
 
 
 def test_run_page_shows_the_run_and_its_seven_steps(run_page: Any, pipeline_run: dict[str, Any]) -> None:
@@ -139,16 +139,7 @@ def test_dataset_visualization_shows_counts_and_token_length_histogram(
     panels = run_page.find_elements(By.CSS_SELECTOR, "[role=dialog]")
     if not panels or "prepared_data" not in panels[-1].text:
         click_text(run_page, "PreparedData")
-    panel = open_panel(run_page)
-    click_text(run_page, "Visualization", within=panel)
-    # HTML visualizations are shown after the user agrees to load them, in a sandboxed iframe.
-    wait_for_text(run_page, ["Load Preview"], within=panel)
-    click_text(run_page, "Load Preview", within=panel)
-    deadline = time.monotonic() + PAGE_TIMEOUT
-    while not (frames := panel.find_elements(By.TAG_NAME, "iframe")) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert frames, f"no visualization rendered:\n{panel.text[:2000]}"
-    page = frames[0].get_attribute("srcdoc")  # the HTML the dashboard fetched from the server and shows
+    page = load_preview(run_page, open_panel(run_page)).get_attribute("srcdoc")
     assert "Dataset preparation" in page and "Token lengths" in page
     assert "<svg" in page and page.count("<rect") >= 2, "an SVG histogram with bars"
     counts = step_metadata(server, pipeline_run["id"], "prepare_dataset")
@@ -157,23 +148,16 @@ def test_dataset_visualization_shows_counts_and_token_length_histogram(
 
 
 def test_eval_report_visualization_scrolls_inside_its_frame_and_leads_with_the_instruction(run_page: Any) -> None:
-    from selenium.webdriver.common.by import By
 
     run_page.refresh()  # an earlier test's details panel would cover the node
     wait_for_text(run_page, ["EvalReport", "merge_and_push"])
     click_text(run_page, "EvalReport")
     panel = open_panel(run_page)
     wait_for_text(run_page, ["eval_report"], within=panel)
-    click_text(run_page, "Visualization", within=panel)
-    wait_for_text(run_page, ["Load Preview"], within=panel)
-    click_text(run_page, "Load Preview", within=panel)
-    deadline = time.monotonic() + PAGE_TIMEOUT
-    while not (frames := panel.find_elements(By.TAG_NAME, "iframe")) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert frames, f"no visualization rendered:\n{panel.text[:2000]}"
-    page = frames[0].get_attribute("srcdoc")
+    frame = load_preview(run_page, panel)
+    page = frame.get_attribute("srcdoc")
     assert "<h3>Samples</h3><div class='scroll'><table><tr><th>instruction</th><th>reference</th>" in page
-    run_page.switch_to.frame(frames[0])
+    run_page.switch_to.frame(frame)
     try:  # the dashboard's frame is short: the table must scroll in its own box, not be cut off
         box = run_page.execute_script(
             "const s = document.querySelector('.scroll'); return [getComputedStyle(s).overflow, s.scrollWidth];"

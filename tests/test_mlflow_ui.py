@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.browser import chromium, free_port, require_browser, wait_for_text
+from tests.browser import chromium, free_port, require_browser, wait_for_elements, wait_for_text
 from tests.conftest import tiny_run_overrides
 from tests.test_compare import start_mlflow_ui, stop, wait_until_up
 
@@ -103,18 +102,10 @@ def test_the_saved_view_shows_losses_gate_metric_and_verdict_as_columns(
 def test_the_run_charts_have_learning_rate_grad_norm_and_eval_loss_curves(
     browser: Any, ui: str, tracked: dict[str, Any]
 ) -> None:
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     browser.get(f"{ui}/#/experiments/{tracked['experiment_id']}/runs/{tracked['run_id']}/model-metrics")
-    search = None
-    for _ in range(60):
-        found = browser.find_elements(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")
-        if found:
-            search = found[0]
-            break
-        time.sleep(1)
-    assert search is not None, "no chart search box on the run's Model metrics tab"
+    search = wait_for_elements(browser, "input[placeholder='Search metric charts']", "chart search box", 60)[0]
     for curve in ("train_loss", "learning_rate", "grad_norm", "eval_loss"):
         search.send_keys(Keys.CONTROL, "a")  # clear() does not reach the React state of the box
         search.send_keys(Keys.DELETE)
@@ -129,7 +120,6 @@ def test_the_run_charts_have_learning_rate_grad_norm_and_eval_loss_curves(
 def test_the_eval_samples_lead_with_the_instruction_without_template_markup(
     browser: Any, ui: str, tracked: dict[str, Any]
 ) -> None:
-    from selenium.webdriver.common.by import By
 
     from tests.browser import click_text
 
@@ -149,11 +139,7 @@ def test_the_eval_samples_lead_with_the_instruction_without_template_markup(
     shown = "\n".join(lines[first:])
     assert all(text.split()[0] in shown for text in instructions), "each row starts with its instruction"
     click_text(browser, "eval_samples.html")  # the same page as the ZenML visualization, in MLflow's viewer
-    deadline = time.monotonic() + 60
-    while not (frames := browser.find_elements(By.TAG_NAME, "iframe")) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert frames, "eval_samples.html was not shown"
-    browser.switch_to.frame(frames[0])
+    browser.switch_to.frame(wait_for_elements(browser, "iframe", "eval_samples.html page", 60)[0])
     try:
         wait_for_text(browser, ["Base vs tuned", "Samples", "instruction", "rendered prompt"])
         folded = browser.execute_script("return [...document.querySelectorAll('td details')].map(d => d.open)")
